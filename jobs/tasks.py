@@ -1,0 +1,47 @@
+"""Tasks, each declared on exactly one lane; they carry ids only, the database holds the rest."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, current_app, has_app_context
+
+from jobs import engine, lanes
+
+log = logging.getLogger(__name__)
+_app: Flask | None = None
+
+
+def bind_app(app: Flask) -> None:
+    """The app whose database and settings tasks use in this process (set by `flask worker`)."""
+    global _app
+    _app = app
+
+
+def _task_app() -> Flask:
+    global _app
+    if has_app_context():
+        return current_app._get_current_object()
+    if _app is None:
+        from webapp import create_app
+
+        _app = create_app()
+    return _app
+
+
+EXPORT_ATTEMPTS = lanes.exports.settings.retries + 1
+
+
+@lanes.exports.task(name="export", timeout=lanes.exports.settings.timeout)
+def run_export(job_id: int) -> None:
+    """Run or resume an export; a failed attempt goes back on the lane after the retry delay."""
+    with _task_app().app_context():
+        try:
+            engine.run(job_id, EXPORT_ATTEMPTS)
+        except engine.AttemptFailed as failure:
+            log.warning("export %s attempt failed: %s", job_id, failure)
+            if failure.retry:
+                run_export.schedule((job_id,), delay=lanes.exports.settings.retry_delay)
+
+
+TASKS = {"export": (run_export, lanes.exports)}

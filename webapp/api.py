@@ -1,0 +1,61 @@
+"""JSON API for scripts: the same operations as the pages, by session or bearer token."""
+
+from __future__ import annotations
+
+from flask import Blueprint, jsonify, request, url_for
+from flask_login import current_user, login_required
+
+from jobs.datasets import InvalidParams
+from webapp.exports import create_export, job_for
+from webapp.models import ExportJob, db
+
+bp = Blueprint("api", __name__, url_prefix="/api")
+
+
+def _time(value) -> str | None:
+    return value.isoformat() + "Z" if value else None
+
+
+def job_json(job: ExportJob) -> dict:
+    """A job as DESIGN.md defines it for API clients."""
+    return {
+        "id": job.id,
+        "state": job.state,
+        "lane": job.lane,
+        "dataset": job.dataset,
+        "format": job.format,
+        "params": job.params,
+        "rows_done": job.rows_done,
+        "rows_total": job.rows_total,
+        "progress": round(job.progress, 4),
+        "bytes": job.bytes,
+        "created_at": _time(job.created_at),
+        "started_at": _time(job.started_at),
+        "finished_at": _time(job.finished_at),
+        "error": job.error,
+        "download_url": url_for("exports.download", job_id=job.id, _external=True)
+        if job.state == "succeeded"
+        else None,
+    }
+
+
+@bp.post("/exports")
+@login_required
+def create_export_job():
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict):
+        return jsonify(error="send a JSON object: {dataset, format, params}"), 400
+    try:
+        job = create_export(current_user, body.get("dataset"), body.get("format", "csv"),
+                            body.get("params"))
+    except InvalidParams as exc:
+        db.session.rollback()
+        return jsonify(error="invalid request", fields=exc.errors), 400
+    db.session.commit()
+    return jsonify(job_json(job)), 202, {"Location": url_for("api.get_job", job_id=job.id)}
+
+
+@bp.get("/jobs/<int:job_id>")
+@login_required
+def get_job(job_id: int):
+    return jsonify(job_json(job_for(current_user, job_id)))

@@ -1,0 +1,123 @@
+"""Flask CLI: seed, worker, export, token create, and `dev` (web plus one consumer per lane)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+import click
+from flask import Flask, current_app
+
+from jobs.datasets import DATASETS, FORMATS, InvalidParams
+from webapp.models import db
+
+
+def init_app(app: Flask) -> None:
+    for command in (seed_command, worker_command, export_command, token_group, dev_command):
+        app.cli.add_command(command)
+
+
+@click.command("seed")
+@click.option("--rows", default=100_000, show_default=True, help="How many transactions.")
+@click.option("--if-empty", is_flag=True, help="Do nothing when users already exist.")
+def seed_command(rows: int, if_empty: bool) -> None:
+    """Demo organisations, users (with their dev passwords) and ROWS transactions."""
+    from webapp import seed
+
+    if if_empty and seed.has_data():
+        click.echo("Database already has data; not seeding.")
+        return
+    users = seed.seed(rows)
+    click.echo(f"Seeded {rows} transactions and {rows // 4} orders. Users:")
+    for email, password in users:
+        click.echo(f"  {email}  password: {password}")
+
+
+@click.command("worker")
+@click.argument("lane_name", metavar="LANE", type=click.Choice(["critical", "exports"]))
+def worker_command(lane_name: str) -> None:
+    """Run a consumer for one lane, with that lane's settings."""
+    from jobs import lanes, tasks
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    tasks.bind_app(current_app._get_current_object())
+    engine = db.engine
+    os.register_at_fork(after_in_child=lambda: engine.dispose(close=False))
+    lane = lanes.LANES[lane_name]
+    click.echo(f"lane {lane_name}: {lane.settings} on {lane.storage.__class__.__name__}")
+    lane.consumer().run()
+
+
+@click.command("export")
+@click.argument("dataset_name", metavar="DATASET")
+@click.option("--user", "email", required=True, help="Export as this user (their organisation).")
+@click.option("--param", "params", multiple=True, metavar="K=V", help="A dataset parameter.")
+@click.option("--format", "fmt", default="csv", type=click.Choice(list(FORMATS)))
+@click.option("--output", required=True, type=click.Path(dir_okay=False, writable=True))
+def export_command(dataset_name: str, email: str, params: tuple[str, ...], fmt: str,
+                   output: str) -> None:
+    """Run an export inline with the same engine, scoped to the user's organisation."""
+    from jobs.engine import Checkpoint, stream
+    from webapp.auth import find_user
+
+    user = find_user(email)
+    if user is None:
+        raise click.UsageError(f"no user {email!r}")
+    dataset = DATASETS.get(dataset_name)
+    if dataset is None:
+        raise click.UsageError(f"unknown dataset {dataset_name!r}; choose {', '.join(DATASETS)}")
+    raw = dict(p.split("=", 1) if "=" in p else (p, "") for p in params)
+    try:
+        cleaned = dataset.clean_params(raw)
+    except InvalidParams as exc:
+        raise click.UsageError(str(exc)) from None
+    with db.engine.connect() as conn:
+        total = conn.execute(dataset.count(user.org_id, cleaned)).scalar_one()
+        with click.progressbar(length=total, label=f"{dataset_name} → {output}",
+                               file=sys.stderr) as bar, open(output, "wb") as out:
+            done = [0]
+
+            def advance(cp: Checkpoint) -> None:
+                bar.update(cp.rows - done[0])
+                done[0] = cp.rows
+
+            result = stream(conn, dataset, user.org_id, cleaned, out, Checkpoint(), advance,
+                            current_app.config["EXPORT_BATCH_ROWS"], 0.2)
+    click.echo(f"{result.rows} rows, {result.bytes} bytes written to {output}")
+
+
+@click.group("token")
+def token_group() -> None:
+    """Personal API tokens."""
+
+
+@token_group.command("create")
+@click.argument("email")
+def token_create(email: str) -> None:
+    """Create a personal API token for EMAIL; it is printed once and stored hashed."""
+    from webapp.auth import create_token, find_user
+
+    user = find_user(email)
+    if user is None:
+        raise click.UsageError(f"no user {email!r}")
+    click.echo(create_token(user))
+
+
+@click.command("dev")
+@click.option("--port", envvar="PORT", default=5000, show_default=True)
+def dev_command(port: int) -> None:
+    """Run the web app and one consumer per lane together; Ctrl-C stops them all."""
+    from webapp.devserver import run_together
+
+    flask = [sys.executable, "-m", "flask"]
+    root = Path(__file__).resolve().parent.parent
+    sys.exit(run_together(
+        {
+            "web": [*flask, "run", "--host", "127.0.0.1", "--port", str(port)],
+            "critical": [*flask, "worker", "critical"],
+            "exports": [*flask, "worker", "exports"],
+        },
+        cwd=root,
+    ))

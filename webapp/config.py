@@ -1,0 +1,58 @@
+"""Settings from the environment, with embedded defaults that live in the instance folder."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from datetime import timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def instance_path() -> Path:
+    """Where every default file lives; INSTANCE_PATH moves it so copies can run side by side."""
+    return Path(os.environ.get("INSTANCE_PATH") or ROOT / "instance").resolve()
+
+
+def _secret_key(instance: Path, production: bool) -> str:
+    """SECRET_KEY from the environment; in development, generated once into the instance folder."""
+    key = os.environ.get("SECRET_KEY")
+    if key:
+        return key
+    if production:
+        raise RuntimeError("SECRET_KEY must be set when EXPORTDESK_ENV=production")
+    path = instance / "secret_key"
+    if not path.exists():
+        path.write_text(secrets.token_hex(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def _seconds(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def load() -> dict:
+    """The app's configuration, read from the environment at start-up."""
+    instance = instance_path()
+    instance.mkdir(parents=True, exist_ok=True)
+    production = os.environ.get("EXPORTDESK_ENV", "development") == "production"
+    return {
+        "PRODUCTION": production,
+        "SECRET_KEY": _secret_key(instance, production),
+        "SQLALCHEMY_DATABASE_URI": os.environ.get("DATABASE_URL")
+        or f"sqlite:///{instance / 'exportdesk.db'}",
+        "BROKER_URL": os.environ.get("BROKER_URL", ""),
+        "EXPORT_DIR": os.environ.get("EXPORT_DIR") or str(instance / "exports"),
+        "EXPORT_BATCH_ROWS": int(os.environ.get("EXPORT_BATCH_ROWS", 5000)),
+        "CHECKPOINT_INTERVAL": _seconds("CHECKPOINT_INTERVAL", 0.5),
+        "SMTP_URL": os.environ.get("SMTP_URL", ""),
+        "DOWNLOAD_LINK_TTL": timedelta(seconds=_seconds("DOWNLOAD_LINK_TTL", 7 * 86400)),
+        "EXPORT_RETENTION": timedelta(seconds=_seconds("EXPORT_RETENTION", 7 * 86400)),
+        "SESSION_COOKIE_HTTPONLY": True,
+        "SESSION_COOKIE_SAMESITE": "Lax",
+        "SESSION_COOKIE_SECURE": production,
+        "WTF_CSRF_CHECK_DEFAULT": False,  # checked in one hook that knows about API tokens
+        "WTF_CSRF_TIME_LIMIT": None,
+    }

@@ -1,0 +1,169 @@
+"""The data model: organisations, users, export jobs and their attempts, and the demo tables."""
+
+from __future__ import annotations
+
+import hashlib
+from datetime import UTC, datetime
+from decimal import Decimal
+
+from flask_login import UserMixin
+from flask_sqlalchemy import SQLAlchemy
+from sqlalchemy import JSON, ForeignKey, Index, Numeric, String, Text
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from werkzeug.security import check_password_hash, generate_password_hash
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+db = SQLAlchemy(model_class=Base)
+
+
+def utcnow() -> datetime:
+    """Naive UTC, the one time zone every database here stores."""
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+class JobState:
+    QUEUED = "queued"
+    RUNNING = "running"
+    RETRYING = "retrying"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    EXPIRED = "expired"
+
+    ACTIVE = (QUEUED, RUNNING, RETRYING)
+    FINISHED = (SUCCEEDED, FAILED, CANCELLED, EXPIRED)
+
+
+class Organisation(db.Model):
+    __tablename__ = "organisations"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(120), unique=True)
+    slug: Mapped[str] = mapped_column(String(60), unique=True)
+
+
+class User(UserMixin, db.Model):
+    __tablename__ = "users"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    email: Mapped[str] = mapped_column(String(254), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    org_id: Mapped[int] = mapped_column(ForeignKey("organisations.id"))
+    role: Mapped[str] = mapped_column(String(20), default="user")
+    organisation: Mapped[Organisation] = relationship()
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def set_password(self, password: str) -> None:
+        self.password_hash = generate_password_hash(password)
+
+    def check_password(self, password: str) -> bool:
+        return check_password_hash(self.password_hash, password)
+
+
+class ApiToken(db.Model):
+    """A personal API token; only its SHA-256 is stored (random tokens need no salt)."""
+
+    __tablename__ = "api_tokens"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    user: Mapped[User] = relationship()
+
+    @staticmethod
+    def hash(token: str) -> str:
+        return hashlib.sha256(token.encode()).hexdigest()
+
+
+class ExportJob(db.Model):
+    """The source of truth for an export: the queue message only carries this row's id."""
+
+    __tablename__ = "export_jobs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organisations.id"))
+    dataset: Mapped[str] = mapped_column(String(60))
+    params: Mapped[dict] = mapped_column(JSON, default=dict)
+    format: Mapped[str] = mapped_column(String(10), default="csv")
+    lane: Mapped[str] = mapped_column(String(20), default="exports")
+    state: Mapped[str] = mapped_column(String(20), default=JobState.QUEUED, index=True)
+    rows_done: Mapped[int] = mapped_column(default=0)
+    rows_total: Mapped[int | None] = mapped_column(default=None)
+    bytes: Mapped[int] = mapped_column(default=0)
+    file_name: Mapped[str | None] = mapped_column(String(255), default=None)
+    checkpoint: Mapped[dict | None] = mapped_column(JSON, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    user: Mapped[User] = relationship()
+    organisation: Mapped[Organisation] = relationship()
+    attempts: Mapped[list[JobAttempt]] = relationship(
+        back_populates="job", order_by="JobAttempt.number", cascade="all, delete-orphan"
+    )
+
+    @property
+    def finished(self) -> bool:
+        return self.state in JobState.FINISHED
+
+    @property
+    def progress(self) -> float:
+        if self.state == JobState.SUCCEEDED:
+            return 1.0
+        if not self.rows_total:
+            return 0.0
+        return min(self.rows_done / self.rows_total, 1.0)
+
+    def download_name(self) -> str:
+        """What the browser saves the file as, e.g. transactions-acme-2026-11-22.csv."""
+        day = self.created_at.date().isoformat()
+        return f"{self.dataset}-{self.organisation.slug}-{day}.{self.format}"
+
+
+class JobAttempt(db.Model):
+    """One execution of a job by a worker: when, where, and how it ended."""
+
+    __tablename__ = "job_attempts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("export_jobs.id"), index=True)
+    number: Mapped[int]
+    worker: Mapped[str] = mapped_column(String(120))
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    outcome: Mapped[str | None] = mapped_column(String(20), default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    job: Mapped[ExportJob] = relationship(back_populates="attempts")
+
+
+class Transaction(db.Model):
+    """Demo table behind the `transactions` dataset."""
+
+    __tablename__ = "transactions"
+    __table_args__ = (Index("ix_transactions_org_id_id", "org_id", "id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organisations.id"))
+    created_at: Mapped[datetime]
+    amount: Mapped[Decimal] = mapped_column(Numeric(12, 2))
+    currency: Mapped[str] = mapped_column(String(3))
+    status: Mapped[str] = mapped_column(String(20))
+    customer_email: Mapped[str] = mapped_column(String(254))
+    description: Mapped[str] = mapped_column(Text)
+
+
+class Order(db.Model):
+    """Demo table behind the `orders` dataset."""
+
+    __tablename__ = "orders"
+    __table_args__ = (Index("ix_orders_org_id_id", "org_id", "id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organisations.id"))
+    created_at: Mapped[datetime]
+    customer: Mapped[str] = mapped_column(String(200))
+    total: Mapped[Decimal] = mapped_column(Numeric(12, 2))
+    status: Mapped[str] = mapped_column(String(20))
+    items: Mapped[str] = mapped_column(Text)
