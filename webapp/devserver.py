@@ -28,9 +28,9 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 def run_together(commands: dict[str, list[str]], cwd: Path, grace: float = 10.0) -> int:
     """Start every command in its own process group; when one ends or we are told to stop,
     ask all to stop (SIGINT: consumers finish or checkpoint), then force what is left."""
-    stop = threading.Event()
+    stopping: list[int] = []  # a plain list: an Event's lock is not safe in a signal handler
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, lambda signum, _frame: stopping.append(signum))
     lock = threading.Lock()
     width = max(map(len, commands))
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -41,13 +41,13 @@ def run_together(commands: dict[str, list[str]], cwd: Path, grace: float = 10.0)
         procs[name] = proc
         threading.Thread(target=_pump, args=(name, width, proc.stdout, lock), daemon=True).start()
     code = 0
-    while not stop.is_set():
+    while not stopping:
         ended = [n for n, p in procs.items() if p.poll() is not None]
         if ended:
             code = procs[ended[0]].returncode or 1
             print(f"{ended[0]} exited with {procs[ended[0]].returncode}; stopping all", flush=True)
             break
-        stop.wait(0.2)
+        time.sleep(0.2)
     for proc in procs.values():
         _signal_group(proc, signal.SIGINT)
     deadline = time.monotonic() + grace
