@@ -6,18 +6,21 @@ import csv
 import io
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import BinaryIO
 
 from flask import current_app
-from sqlalchemy import Connection
+from huey.exceptions import TaskTimeout
+from sqlalchemy import Connection, and_, func, or_, select, update
 
+from jobs import lanes
 from jobs.datasets import DATASETS, Dataset, InvalidParams
 from jobs.storage import LocalStorage
-from webapp.models import ExportJob, JobAttempt, JobState, db, utcnow
+from webapp.models import ExportJob, JobAttempt, JobState, User, db, utcnow
 
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
@@ -136,27 +139,87 @@ class AttemptFailed(Exception):
         self.retry = retry
 
 
-def _begin_attempt(job_id: int) -> tuple[ExportJob, JobAttempt] | None:
-    """Claim the job for this worker; None when it is no longer runnable (finished, cancelled)."""
+class Deferred(Exception):
+    """The owner already has their share of running exports: try again shortly."""
+
+
+class Interrupted(Exception):
+    """The consumer is shutting down: the job was checkpointed and must go back on its lane."""
+
+
+def _lease_until() -> datetime:
+    return utcnow() + timedelta(seconds=current_app.config["LEASE_SECONDS"])
+
+
+def _claim(job_id: int) -> tuple[ExportJob, JobAttempt] | None:
+    """Take the job for this worker, or None when another worker holds it or it is over.
+
+    One conditional UPDATE decides between concurrent deliveries of the same message (only
+    one sees its row change); the owner's running exports are counted in the same transaction,
+    after the owner's row is locked, so fair share holds across workers. Raises Deferred.
+    """
+    now = utcnow()
     job = db.session.get(ExportJob, job_id)
-    if job is None or job.state not in JobState.ACTIVE:
+    if job is None:
+        return None
+    db.session.execute(select(User.id).where(User.id == job.user_id).with_for_update())
+    claimed = db.session.execute(
+        update(ExportJob)
+        .where(ExportJob.id == job_id)
+        .where(or_(ExportJob.state.in_([JobState.QUEUED, JobState.RETRYING]),
+                   and_(ExportJob.state == JobState.RUNNING,
+                        or_(ExportJob.lease_expires_at.is_(None),
+                            ExportJob.lease_expires_at < now))))
+        .values(state=JobState.RUNNING, lease_expires_at=_lease_until(), error=None)
+    ).rowcount
+    if not claimed:
         db.session.rollback()
         return None
+    running = db.session.scalar(
+        select(func.count()).select_from(ExportJob).where(
+            ExportJob.user_id == job.user_id, ExportJob.id != job_id,
+            ExportJob.state == JobState.RUNNING, ExportJob.lease_expires_at >= now)
+    )
+    if running >= current_app.config["EXPORTS_RUNNING_PER_USER"]:
+        db.session.rollback()
+        raise Deferred
+    db.session.refresh(job)
+    job.started_at = job.started_at or now
     attempt = JobAttempt(job=job, number=len(job.attempts) + 1, worker=worker_name())
-    job.state = JobState.RUNNING
-    job.started_at = job.started_at or utcnow()
-    job.error = None
     db.session.add(attempt)
     db.session.commit()
     return job, attempt
 
 
+class _Heartbeat(threading.Thread):
+    """Renews the job's lease while the attempt runs, even through a long query."""
+
+    def __init__(self, app, job_id: int):
+        super().__init__(daemon=True, name=f"lease-{job_id}")
+        self.app, self.job_id, self.done = app, job_id, threading.Event()
+
+    def run(self) -> None:
+        every = self.app.config["LEASE_SECONDS"] / 3
+        with self.app.app_context():
+            while not self.done.wait(every):
+                with db.engine.begin() as conn:
+                    conn.execute(update(ExportJob)
+                                 .where(ExportJob.id == self.job_id,
+                                        ExportJob.state == JobState.RUNNING)
+                                 .values(lease_expires_at=_lease_until()))
+
+
 def run(job_id: int, max_attempts: int) -> None:
-    """Run (or resume) one export job to the end, recording the attempt; raises AttemptFailed."""
-    claimed = _begin_attempt(job_id)
+    """Run (or resume) one export job to the end, recording the attempt.
+
+    Raises AttemptFailed (retry or not), Deferred (fair share) or Interrupted (shutdown).
+    """
+    claimed = _claim(job_id)
     if claimed is None:
         return
     job, attempt = claimed
+    heartbeat = _Heartbeat(current_app._get_current_object(), job.id)
+    heartbeat.start()
     files = storage()
     dataset = DATASETS.get(job.dataset)
     try:
@@ -175,7 +238,10 @@ def run(job_id: int, max_attempts: int) -> None:
                 job.checkpoint = asdict(cp)
                 job.rows_done = cp.rows
                 job.bytes = cp.bytes
+                job.lease_expires_at = _lease_until()
                 db.session.commit()
+                if lanes.stopping():
+                    raise Interrupted
 
             start = Checkpoint.from_json(job.checkpoint)
             with files.open_part(job.id, job.format, start.bytes) as out:
@@ -189,19 +255,66 @@ def run(job_id: int, max_attempts: int) -> None:
         db.session.rollback()
         files.discard_part(job.id, job.format)
         attempt.outcome = "cancelled"
+    except Interrupted:
+        db.session.rollback()
+        job.state = JobState.QUEUED
+        attempt.outcome = "interrupted"
+        _end(job, attempt)
+        raise
     except Exception as exc:
         db.session.rollback()
         permanent = isinstance(exc, InvalidParams)
         retry = not permanent and attempt.number < max_attempts
-        attempt.outcome = "failed"
+        attempt.outcome = "timed_out" if isinstance(exc, TaskTimeout) else "failed"
         attempt.error = job.error = f"{type(exc).__name__}: {exc}"
         job.state = JobState.RETRYING if retry else JobState.FAILED
         if not retry:
             job.finished_at = utcnow()
             files.discard_part(job.id, job.format)
-        attempt.finished_at = utcnow()
-        db.session.commit()
+        _end(job, attempt)
         raise AttemptFailed(job.error, retry) from exc
+    finally:
+        heartbeat.done.set()
+    job.finished_at = job.finished_at or utcnow()
+    _end(job, attempt)
+
+
+def _end(job: ExportJob, attempt: JobAttempt) -> None:
     attempt.finished_at = utcnow()
-    job.finished_at = job.finished_at or attempt.finished_at
+    job.lease_expires_at = None
     db.session.commit()
+
+
+def reap_lapsed_leases(max_attempts: int) -> list[int]:
+    """Jobs whose worker died (lease lapsed): back on their lane, or failed after the last try.
+
+    Returns the ids to send to the lane again. Safe to run in every consumer at once: each
+    job changes state in one conditional UPDATE, so only one reaper acts on it.
+    """
+    now = utcnow()
+    lapsed = db.session.scalars(
+        select(ExportJob).where(ExportJob.state == JobState.RUNNING,
+                                ExportJob.lease_expires_at < now)
+    ).all()
+    resend = []
+    for job in lapsed:
+        last = job.attempts[-1] if job.attempts else None
+        retry = len(job.attempts) < max_attempts
+        reason = f"worker {last.worker if last else '?'} stopped responding (lease expired)"
+        values = dict(state=JobState.RETRYING if retry else JobState.FAILED,
+                      lease_expires_at=None)
+        if not retry:
+            values.update(error=f"{reason} after {len(job.attempts)} attempts",
+                          finished_at=now)
+        won = db.session.execute(
+            update(ExportJob).where(ExportJob.id == job.id, ExportJob.state == JobState.RUNNING,
+                                    ExportJob.lease_expires_at < now).values(**values)
+        ).rowcount
+        if won and last is not None and last.outcome is None:
+            last.outcome, last.error, last.finished_at = "lost", reason, now
+        if won and retry:
+            resend.append(job.id)
+        elif won:
+            storage().discard_part(job.id, job.format)
+    db.session.commit()
+    return resend

@@ -2,32 +2,58 @@
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass
+import socket
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from huey import Huey
-from huey.consumer import Consumer
+from huey import signals as S
+from huey.consumer import Consumer, ForkSafeFlag
 from huey.storage import BaseStorage, RedisStorage, SqliteStorage
+
+DEFAULTS = {
+    "critical": dict(workers=8, timeout=30.0, retries=3, retry_delay=60.0, retry_backoff=2.0,
+                     poll_interval=0.1, shutdown_timeout=30.0),
+    "exports": dict(workers=2, timeout=1800.0, retries=3, retry_delay=5.0, retry_backoff=2.0,
+                    poll_interval=1.0, shutdown_timeout=15.0),
+}
 
 
 @dataclass(frozen=True)
 class LaneSettings:
-    """How a lane runs. Every field can be overridden by LANE_<NAME>_<FIELD> in the environment."""
+    """How a lane runs: defaults, then the LANES_FILE (TOML), then LANE_<NAME>_<FIELD> env vars."""
 
     workers: int
     timeout: float  # hard limit in seconds; enforced because workers are processes
     retries: int
     retry_delay: float
+    retry_backoff: float
     poll_interval: float  # longest an idle SQLite consumer waits between polls
+    shutdown_timeout: float  # how long a graceful stop waits for running tasks
     worker_type: str = "process"
 
     @classmethod
-    def from_env(cls, name: str, **defaults: float) -> LaneSettings:
-        values: dict = {}
-        for field, default in defaults.items():
-            raw = os.environ.get(f"LANE_{name.upper()}_{field.upper()}")
-            values[field] = type(default)(raw) if raw is not None else default
+    def load(cls, name: str) -> LaneSettings:
+        values: dict = dict(DEFAULTS[name])
+        path = os.environ.get("LANES_FILE")
+        if path:
+            with open(path, "rb") as f:
+                values.update(tomllib.load(f).get("lanes", {}).get(name, {}))
+        for field in fields(cls):
+            raw = os.environ.get(f"LANE_{name.upper()}_{field.name.upper()}")
+            if raw is not None:
+                values[field.name] = raw
+        for field in fields(cls):
+            if field.name in values:
+                values[field.name] = {"int": int, "float": float, "str": str}[field.type](
+                    values[field.name])
+        if values.get("worker_type", "process") != "process":
+            raise ValueError(f"lane {name}: only process workers enforce hard timeouts")
         return cls(**values)
 
 
@@ -38,14 +64,34 @@ class UnconfiguredStorage(BaseStorage):
         raise RuntimeError(f"lane {self.name!r} is not configured: call jobs.lanes.configure()")
 
 
-class Lane(Huey):
-    """A Huey instance whose storage (SQLite file or Redis keys) is chosen by `configure`."""
+# Keys of the lane's own ledger, kept in its storage beside the queue (see `health`).
+ENQUEUED, RUNNING, CONSUMER = "ledger:enqueued:", "ledger:running:", "ledger:consumer:"
+HEARTBEAT_SECONDS = 2.0
+_stop_flag: ForkSafeFlag | None = None
 
-    def __init__(self, name: str, settings: LaneSettings):
-        self.settings = settings
+
+def stopping() -> bool:
+    """True in a worker process once its consumer was asked to stop (graceful shutdown)."""
+    return _stop_flag is not None and _stop_flag.is_set()
+
+
+def _minute(ts: float) -> int:
+    return int(ts // 60)
+
+
+class Lane(Huey):
+    """A Huey instance whose storage (SQLite file or Redis keys) is chosen by `configure`.
+
+    It keeps a small ledger in its own storage (enqueue times, running tasks, consumer
+    heartbeats, per-minute counters) so that `health()` answers for every consumer on any host.
+    """
+
+    def __init__(self, name: str):
+        self.settings = LaneSettings.load(name)
         self.broker_url = ""
         self.queue_dir: Path | None = None
         super().__init__(name, results=False, utc=True)
+        self.signal()(self._record)
 
     def get_storage(self, **kwargs) -> BaseStorage:
         if self.broker_url.startswith(("redis://", "rediss://", "unix://")):
@@ -61,34 +107,120 @@ class Lane(Huey):
         if not self.immediate:
             self.storage = self.create_storage()
 
-    def consumer(self, **overrides) -> Consumer:
-        """A consumer with this lane's settings: process workers, so hard timeouts hold."""
+    @property
+    def redis(self) -> bool:
+        return isinstance(self.storage, RedisStorage)
+
+    def task(self, **kwargs) -> Callable:
+        """Declare a task on this lane, with the lane's timeout and retry policy as defaults."""
+        s = self.settings
+        kwargs.setdefault("timeout", s.timeout)
+        kwargs.setdefault("retries", s.retries)
+        kwargs.setdefault("retry_delay", s.retry_delay)
+        kwargs.setdefault("retry_backoff", s.retry_backoff)
+        return super().task(**kwargs)
+
+    def enqueue(self, task):
+        """Enqueue a task declared on this lane (another lane's task raises), stamping the time."""
+        self._registry.create_message(task)  # raises HueyException for another lane's task
+        result = super().enqueue(task)
+        if not self.immediate and not task.eta:
+            self.storage.put_data(ENQUEUED + task.id, repr(time.time()).encode())
+        return result
+
+    def _record(self, signal: str, task, *_args) -> None:
+        """Huey signal handler: keep the ledger of running tasks and per-minute outcomes."""
+        storage, now = self.storage, time.time()
+        if signal == S.SIGNAL_EXECUTING:
+            storage.pop_data(ENQUEUED + task.id)
+            info = {"task": task.name, "worker": f"{socket.gethostname()}:{os.getpid()}",
+                    "started": now}
+            storage.put_data(RUNNING + task.id, json.dumps(info).encode())
+        elif signal in (S.SIGNAL_COMPLETE, S.SIGNAL_ERROR, S.SIGNAL_TIMEOUT,
+                        S.SIGNAL_INTERRUPTED):
+            storage.delete_data(RUNNING + task.id)
+            kind = "completed" if signal == S.SIGNAL_COMPLETE else "failed"
+            storage.incr(f"ledger:{kind}:{_minute(now)}")
+        elif signal in (S.SIGNAL_REVOKED, S.SIGNAL_CANCELED, S.SIGNAL_EXPIRED):
+            storage.pop_data(ENQUEUED + task.id)
+
+    def heartbeat(self, workers: int) -> None:
+        key = f"{CONSUMER}{socket.gethostname()}:{os.getpid()}"
+        self.storage.put_data(key, json.dumps({"at": time.time(), "workers": workers}).encode())
+
+    def health(self) -> dict:
+        """Depth, oldest wait, running tasks, live workers, outcomes in the last 5 minutes."""
+        now = time.time()
+        depth = self.pending_count()
+        items = self.storage.result_items()
+        enqueued = [float(v) for k, v in items.items() if k.startswith(ENQUEUED)]
+        consumers = [json.loads(v) for k, v in items.items() if k.startswith(CONSUMER)]
+        live = [c for c in consumers if now - c["at"] <= 3 * HEARTBEAT_SECONDS]
+        running = [json.loads(v) for k, v in items.items() if k.startswith(RUNNING)]
+        minutes = range(_minute(now) - 4, _minute(now) + 1)
+        return {
+            "lane": self.name,
+            "broker": "redis" if self.redis else "sqlite",
+            "depth": depth,
+            "oldest_wait": round(now - min(enqueued), 3) if depth and enqueued else 0.0,
+            "running": len(running) if live else 0,
+            "consumers": len(live),
+            "workers": sum(c["workers"] for c in live),
+            "completed_5m": sum(self.storage.incr(f"ledger:completed:{m}", 0) for m in minutes),
+            "failed_5m": sum(self.storage.incr(f"ledger:failed:{m}", 0) for m in minutes),
+        }
+
+    def consumer(self, on_tick: Callable[[], None] | None = None, **overrides) -> Consumer:
+        """A consumer with this lane's settings; SIGINT and SIGTERM both stop it gracefully."""
+        s = self.settings
         options = dict(
-            workers=self.settings.workers,
-            worker_type=self.settings.worker_type,
-            initial_delay=min(0.1, self.settings.poll_interval),
-            max_delay=self.settings.poll_interval,
+            workers=s.workers,
+            worker_type=s.worker_type,
+            initial_delay=min(0.1, s.poll_interval),
+            max_delay=s.poll_interval,
             backoff=1.15,
             periodic=True,
             check_worker_health=True,
-            health_check_interval=1,
+            health_check_interval=HEARTBEAT_SECONDS,
+            shutdown_timeout=s.shutdown_timeout,
         )
         options.update(overrides)
-        return self.create_consumer(**options)
+        return LaneConsumer(self, on_tick=on_tick, **options)
 
 
-critical = Lane(
-    "critical",
-    LaneSettings.from_env(
-        "critical", workers=8, timeout=30.0, retries=3, retry_delay=60.0, poll_interval=0.1
-    ),
-)
-exports = Lane(
-    "exports",
-    LaneSettings.from_env(
-        "exports", workers=2, timeout=1800.0, retries=3, retry_delay=5.0, poll_interval=1.0
-    ),
-)
+class LaneConsumer(Consumer):
+    """Huey's consumer plus a heartbeat, a periodic hook (the reaper) and graceful SIGTERM."""
+
+    def __init__(self, lane: Lane, on_tick: Callable[[], None] | None = None, **options):
+        super().__init__(lane, **options)
+        self.lane, self.on_tick = lane, on_tick
+        import signal
+
+        self._signal_actions[signal.SIGTERM] = (False, True)  # graceful, like SIGINT
+        global _stop_flag
+        _stop_flag = self.stop_flag  # forked workers inherit it: see `stopping()`
+
+    def start(self) -> None:
+        super().start()
+        self.lane.heartbeat(self.workers)
+
+    def check_worker_health(self) -> bool:
+        healthy = super().check_worker_health()
+        self.lane.heartbeat(self.workers)
+        if self.on_tick is not None:
+            try:
+                self.on_tick()
+            except Exception:
+                self._logger.exception("lane tick failed")
+        return healthy
+
+    def stop(self, graceful: bool = False) -> None:
+        super().stop(graceful)
+        self.lane.storage.delete_data(f"{CONSUMER}{socket.gethostname()}:{os.getpid()}")
+
+
+critical = Lane("critical")
+exports = Lane("exports")
 LANES: dict[str, Lane] = {lane.name: lane for lane in (critical, exports)}
 
 

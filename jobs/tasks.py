@@ -10,6 +10,7 @@ from jobs import engine, lanes
 
 log = logging.getLogger(__name__)
 _app: Flask | None = None
+FAIR_SHARE_RETRY_SECONDS = 1.0
 
 
 def bind_app(app: Flask) -> None:
@@ -32,16 +33,36 @@ def _task_app() -> Flask:
 EXPORT_ATTEMPTS = lanes.exports.settings.retries + 1
 
 
-@lanes.exports.task(name="export", timeout=lanes.exports.settings.timeout)
+def retry_delay(attempt: int) -> float:
+    """Seconds before attempt `attempt + 1`: the lane's delay, growing by its backoff."""
+    s = lanes.exports.settings
+    return s.retry_delay * s.retry_backoff ** max(attempt - 1, 0)
+
+
+# Retries are the engine's, counted in the job's attempts, not Huey's: the row is the truth.
+@lanes.exports.task(name="export", retries=0)
 def run_export(job_id: int) -> None:
     """Run or resume an export; a failed attempt goes back on the lane after the retry delay."""
     with _task_app().app_context():
         try:
             engine.run(job_id, EXPORT_ATTEMPTS)
+        except engine.Deferred:
+            run_export.schedule((job_id,), delay=FAIR_SHARE_RETRY_SECONDS)
+        except engine.Interrupted:
+            log.info("export %s checkpointed for shutdown; back on its lane", job_id)
+            run_export(job_id)
         except engine.AttemptFailed as failure:
             log.warning("export %s attempt failed: %s", job_id, failure)
             if failure.retry:
-                run_export.schedule((job_id,), delay=lanes.exports.settings.retry_delay)
+                from webapp.models import ExportJob, db
+
+                attempts = len(db.session.get(ExportJob, job_id).attempts)
+                run_export.schedule((job_id,), delay=retry_delay(attempts))
 
 
-TASKS = {"export": (run_export, lanes.exports)}
+def reap() -> None:
+    """Put exports whose worker died back on their lane (run by every exports consumer)."""
+    with _task_app().app_context():
+        for job_id in engine.reap_lapsed_leases(EXPORT_ATTEMPTS):
+            log.warning("export %s lost its worker; resuming from its checkpoint", job_id)
+            run_export(job_id)

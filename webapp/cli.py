@@ -39,15 +39,37 @@ def seed_command(rows: int, if_empty: bool) -> None:
 @click.argument("lane_name", metavar="LANE", type=click.Choice(["critical", "exports"]))
 def worker_command(lane_name: str) -> None:
     """Run a consumer for one lane, with that lane's settings."""
+    import importlib
+    import time
+
     from jobs import lanes, tasks
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    tasks.bind_app(current_app._get_current_object())
-    engine = db.engine
-    os.register_at_fork(after_in_child=lambda: engine.dispose(close=False))
+    app = current_app._get_current_object()
+    for module in app.config["TASK_MODULES"]:
+        importlib.import_module(module)  # an application's own tasks, declared on our lanes
+    tasks.bind_app(app)
     lane = lanes.LANES[lane_name]
+    engine = db.engine
+
+    def after_fork() -> None:
+        engine.dispose(close=False)  # never share the parent's database connections
+        for each in lanes.LANES.values():
+            if hasattr(each.storage, "_conn"):
+                each.storage._conn = None  # nor its SQLite queue connection
+
+    os.register_at_fork(after_in_child=after_fork)
+    on_tick = None
+    if lane is lanes.exports:
+        last = [0.0]
+
+        def on_tick() -> None:
+            if time.monotonic() - last[0] >= app.config["REAPER_INTERVAL"]:
+                last[0] = time.monotonic()
+                tasks.reap()
+
     click.echo(f"lane {lane_name}: {lane.settings} on {lane.storage.__class__.__name__}")
-    lane.consumer().run()
+    lane.consumer(on_tick=on_tick).run()
 
 
 @click.command("export")

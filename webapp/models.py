@@ -101,6 +101,8 @@ class ExportJob(db.Model):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # While running: the worker's claim, renewed by its heartbeat; a lapsed lease means it died.
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
     user: Mapped[User] = relationship()
     organisation: Mapped[Organisation] = relationship()
     attempts: Mapped[list[JobAttempt]] = relationship(
