@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import signal
 import socket
 import threading
 import time
@@ -214,15 +215,21 @@ def run(job_id: int, max_attempts: int) -> None:
 
     Raises AttemptFailed (retry or not), Deferred (fair share) or Interrupted (shutdown).
     """
+    if lanes.stopping():  # taken from the queue while our consumer shuts down: give it back
+        raise Interrupted
     claimed = _claim(job_id)
     if claimed is None:
         return
     job, attempt = claimed
+    # Stop cleanly at a checkpoint just before the lane's hard timeout (SIGALRM) would strike
+    # at a random point; the hard limit stays as the backstop for a stuck query.
+    limit = lanes.exports.settings.timeout
+    soft_deadline = time.monotonic() + limit - min(limit * 0.1, 5.0)
     heartbeat = _Heartbeat(current_app._get_current_object(), job.id)
-    heartbeat.start()
     files = storage()
-    dataset = DATASETS.get(job.dataset)
     try:
+        heartbeat.start()
+        dataset = DATASETS.get(job.dataset)
         if dataset is None:
             raise InvalidParams({"dataset": f"{job.dataset!r} no longer exists"})
         params = dataset.clean_params(job.params)
@@ -242,6 +249,8 @@ def run(job_id: int, max_attempts: int) -> None:
                 db.session.commit()
                 if lanes.stopping():
                     raise Interrupted
+                if time.monotonic() > soft_deadline:
+                    raise TaskTimeout(f"timeout ({limit}s)")
 
             start = Checkpoint.from_json(job.checkpoint)
             with files.open_part(job.id, job.format, start.bytes) as out:
@@ -255,18 +264,22 @@ def run(job_id: int, max_attempts: int) -> None:
         db.session.rollback()
         files.discard_part(job.id, job.format)
         attempt.outcome = "cancelled"
-    except Interrupted:
+    except (Interrupted, KeyboardInterrupt):  # KeyboardInterrupt: Huey's forced shutdown
+        _disarm_hard_timeout()
         db.session.rollback()
         job.state = JobState.QUEUED
         attempt.outcome = "interrupted"
         _end(job, attempt)
-        raise
+        raise Interrupted from None
     except Exception as exc:
+        _disarm_hard_timeout()
         db.session.rollback()
         permanent = isinstance(exc, InvalidParams)
         retry = not permanent and attempt.number < max_attempts
-        attempt.outcome = "timed_out" if isinstance(exc, TaskTimeout) else "failed"
-        attempt.error = job.error = f"{type(exc).__name__}: {exc}"
+        timed_out = _caused_by(exc, TaskTimeout)
+        attempt.outcome = "timed_out" if timed_out else "failed"
+        attempt.error = job.error = (f"TaskTimeout: {timed_out}" if timed_out
+                                     else f"{type(exc).__name__}: {exc}")
         job.state = JobState.RETRYING if retry else JobState.FAILED
         if not retry:
             job.finished_at = utcnow()
@@ -277,6 +290,21 @@ def run(job_id: int, max_attempts: int) -> None:
         heartbeat.done.set()
     job.finished_at = job.finished_at or utcnow()
     _end(job, attempt)
+
+
+def _disarm_hard_timeout() -> None:
+    """The attempt is already ending: let it record how, without the alarm cutting it short."""
+    if threading.current_thread() is threading.main_thread():
+        signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+def _caused_by(exc: BaseException | None, kind: type) -> BaseException | None:
+    """The `kind` exception behind exc, also when a driver wrapped it (SQLAlchemy does)."""
+    while exc is not None:
+        if isinstance(exc, kind):
+            return exc
+        exc = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
+    return None
 
 
 def _end(job: ExportJob, attempt: JobAttempt) -> None:

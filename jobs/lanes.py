@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from huey import Huey
+from huey import Huey, crontab  # noqa: F401 (crontab: for periodic tasks)
 from huey import signals as S
 from huey.consumer import Consumer, ForkSafeFlag
 from huey.storage import BaseStorage, RedisStorage, SqliteStorage
@@ -66,6 +67,7 @@ class UnconfiguredStorage(BaseStorage):
 
 # Keys of the lane's own ledger, kept in its storage beside the queue (see `health`).
 ENQUEUED, RUNNING, CONSUMER = "ledger:enqueued:", "ledger:running:", "ledger:consumer:"
+PERIODIC = "ledger:periodic:"
 HEARTBEAT_SECONDS = 2.0
 _stop_flag: ForkSafeFlag | None = None
 
@@ -120,6 +122,28 @@ class Lane(Huey):
         kwargs.setdefault("retry_backoff", s.retry_backoff)
         return super().task(**kwargs)
 
+    def periodic_task(self, validate_datetime, **kwargs) -> Callable:
+        """A periodic task that runs once per schedule however many consumers run the lane.
+
+        Every consumer's scheduler enqueues it; the first run to claim the schedule's minute
+        (rounded, so clocks may differ by up to 30 s) in the lane's storage does the work.
+        """
+
+        def decorator(fn: Callable) -> Callable:
+            name = kwargs.get("name") or fn.__name__
+
+            @functools.wraps(fn)
+            def once(*args, **kw):
+                slot = round(time.time() / 60)
+                if not self.storage.put_if_empty(f"{PERIODIC}{name}:{slot}", b"1"):
+                    return None
+                self.storage.delete_data(f"{PERIODIC}{name}:{slot - 5}")
+                return fn(*args, **kw)
+
+            return super(Lane, self).periodic_task(validate_datetime, **kwargs)(once)
+
+        return decorator
+
     def enqueue(self, task):
         """Enqueue a task declared on this lane (another lane's task raises), stamping the time."""
         self._registry.create_message(task)  # raises HueyException for another lane's task
@@ -127,6 +151,11 @@ class Lane(Huey):
         if not self.immediate and not task.eta:
             self.storage.put_data(ENQUEUED + task.id, repr(time.time()).encode())
         return result
+
+    def execute(self, task, timestamp=None):
+        """Run a task under this lane's hard timeout, whatever timeout its message carries."""
+        task.timeout = min(task.timeout or self.settings.timeout, self.settings.timeout)
+        return super().execute(task, timestamp)
 
     def _record(self, signal: str, task, *_args) -> None:
         """Huey signal handler: keep the ledger of running tasks and per-minute outcomes."""
@@ -136,11 +165,13 @@ class Lane(Huey):
             info = {"task": task.name, "worker": f"{socket.gethostname()}:{os.getpid()}",
                     "started": now}
             storage.put_data(RUNNING + task.id, json.dumps(info).encode())
-        elif signal in (S.SIGNAL_COMPLETE, S.SIGNAL_ERROR, S.SIGNAL_TIMEOUT,
-                        S.SIGNAL_INTERRUPTED):
+        elif signal in (S.SIGNAL_COMPLETE, S.SIGNAL_ERROR, S.SIGNAL_TIMEOUT):
             storage.delete_data(RUNNING + task.id)
             kind = "completed" if signal == S.SIGNAL_COMPLETE else "failed"
             storage.incr(f"ledger:{kind}:{_minute(now)}")
+        elif signal == S.SIGNAL_INTERRUPTED:  # stopped by a shutdown: give it back, not lose it
+            storage.delete_data(RUNNING + task.id)
+            self.enqueue(task)
         elif signal in (S.SIGNAL_REVOKED, S.SIGNAL_CANCELED, S.SIGNAL_EXPIRED):
             storage.pop_data(ENQUEUED + task.id)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SEED_ROWS = 3000
+SEED_ROWS = 20_000
 
 
 def csrf_from(html: str) -> str:
@@ -53,7 +53,8 @@ def instance(tmp_path_factory) -> Path:
 def app(instance):
     from webapp import create_app
 
-    app = create_app({"TESTING": True, "CHECKPOINT_INTERVAL": 0.0, "EXPORT_BATCH_ROWS": 500})
+    app = create_app({"TESTING": True, "CHECKPOINT_INTERVAL": 0.0, "EXPORT_BATCH_ROWS": 500,
+                      "EXPORTS_QUEUED_PER_USER": 10_000})
     return app
 
 

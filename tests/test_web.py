@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from conftest import csrf_from, login
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from jobs import lanes
 from webapp.auth import create_token, find_user
@@ -69,7 +69,7 @@ def test_submit_records_job_scoped_to_org_and_redirects(app, alice):
 @pytest.mark.parametrize(
     "fields, message",
     [
-        ({"dataset": "payroll"}, "unknown dataset"),
+        ({"dataset": "payroll"}, "Unknown dataset"),
         ({"date_from": "2026-13-45"}, "must be a date"),
         ({"date_from": "yesterday"}, "must be a date"),
         ({"date_from": "2026-05-01", "date_to": "2026-04-01"}, "must not be before"),
@@ -84,6 +84,24 @@ def test_bad_form_input_gets_a_message_not_a_500(app, alice, fields, message):
     assert response.status_code == 400
     assert message in response.get_data(as_text=True)
     assert latest_job(app) == before or latest_job(app).id == before.id
+
+
+def test_queued_exports_per_user_are_capped_with_a_clear_message(app, client, monkeypatch):
+    login(client, "admin@exportdesk.test")
+    with app.app_context():
+        admin_id = find_user("admin@exportdesk.test").id
+        waiting = db.session.scalar(select(func.count()).select_from(ExportJob).where(
+            ExportJob.user_id == admin_id, ExportJob.state == "queued"))
+    monkeypatch.setitem(app.config, "EXPORTS_QUEUED_PER_USER", waiting + 2)
+    assert submit(client).status_code == 303
+    assert submit(client).status_code == 303
+    response = submit(client)
+    assert response.status_code == 429
+    assert f"You already have {waiting + 2} exports waiting" in response.get_data(as_text=True)
+    token = csrf_from(client.get("/").get_data(as_text=True))
+    api = client.post("/api/exports", json={"dataset": "orders"},
+                      headers={"X-CSRFToken": token})
+    assert api.status_code == 429 and "limit is" in api.json["error"]
 
 
 def test_post_without_csrf_token_is_400(alice):

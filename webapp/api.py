@@ -6,7 +6,7 @@ from flask import Blueprint, jsonify, request, url_for
 from flask_login import current_user, login_required
 
 from jobs.datasets import InvalidParams
-from webapp.exports import create_export, job_for
+from webapp.exports import TooManyExports, create_export, job_for
 from webapp.models import ExportJob, db
 
 bp = Blueprint("api", __name__, url_prefix="/api")
@@ -51,6 +51,9 @@ def create_export_job():
     except InvalidParams as exc:
         db.session.rollback()
         return jsonify(error="invalid request", fields=exc.errors), 400
+    except TooManyExports as exc:
+        db.session.rollback()
+        return jsonify(error=str(exc)), 429
     db.session.commit()
     return jsonify(job_json(job)), 202, {"Location": url_for("api.get_job", job_id=job.id)}
 

@@ -13,7 +13,7 @@ from flask import (
     url_for,
 )
 from flask_login import current_user, login_required
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from jobs import dispatch
 from jobs.datasets import DATASETS, FORMATS, InvalidParams
@@ -23,11 +23,15 @@ from webapp.models import ExportJob, JobState, User, db
 bp = Blueprint("exports", __name__)
 
 
+class TooManyExports(Exception):
+    """The user already has their share of exports waiting (fair share in the exports lane)."""
+
+
 def create_export(user: User, dataset_name: object, fmt: object, params: object) -> ExportJob:
     """Validate a request and record the job; it reaches its lane when the caller commits."""
     dataset = DATASETS.get(dataset_name) if isinstance(dataset_name, str) else None
     if dataset is None:
-        raise InvalidParams({"dataset": f"unknown dataset; choose one of {', '.join(DATASETS)}"})
+        raise InvalidParams({"dataset": f"Unknown dataset; choose one of {', '.join(DATASETS)}"})
     errors = {}
     if fmt not in FORMATS:
         errors["format"] = f"unknown format; choose one of {', '.join(FORMATS)}"
@@ -40,6 +44,17 @@ def create_export(user: User, dataset_name: object, fmt: object, params: object)
         errors.update(exc.errors)
     if errors:
         raise InvalidParams(errors)
+    limit = current_app.config["EXPORTS_QUEUED_PER_USER"]
+    waiting = db.session.scalar(
+        select(func.count()).select_from(ExportJob).where(
+            ExportJob.user_id == user.id,
+            ExportJob.state.in_([JobState.QUEUED, JobState.RETRYING]))
+    )
+    if waiting >= limit:
+        raise TooManyExports(
+            f"You already have {waiting} exports waiting to start (the limit is {limit}). "
+            "Please wait for one to start or cancel one, then try again."
+        )
     job = ExportJob(
         user=user,
         org_id=user.org_id,  # tenancy comes from the server, never from the request
@@ -82,6 +97,10 @@ def create():
         db.session.rollback()
         return render_template("exports/new.html", datasets=DATASETS.values(), formats=FORMATS,
                                errors=exc.errors, chosen=name, values=form), 400
+    except TooManyExports as exc:
+        db.session.rollback()
+        return render_template("exports/new.html", datasets=DATASETS.values(), formats=FORMATS,
+                               errors={"dataset": str(exc)}, chosen=name, values=form), 429
     db.session.commit()
     return redirect(url_for("exports.show", job_id=job.id), code=303)
 
