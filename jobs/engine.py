@@ -9,15 +9,17 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import BinaryIO
 
 from flask import current_app
-from sqlalchemy import Connection
+from redis import exceptions as redis_exc
+from sqlalchemy import Connection, select, update
+from sqlalchemy import exc as sa_exc
 
 from jobs.datasets import DATASETS, Dataset, InvalidParams
 from jobs.storage import LocalStorage
-from webapp.models import ExportJob, JobAttempt, JobState, db, utcnow
+from webapp.models import ExportJob, JobAttempt, JobState, db, locked, utcnow
 
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
@@ -128,80 +130,173 @@ def storage() -> LocalStorage:
     return LocalStorage(current_app.config["EXPORT_DIR"])
 
 
+class PermanentFailure(Exception):
+    """Retrying cannot help (bad parameters, a dataset that is gone): fail at once, say why."""
+
+
+class LostClaim(Exception):
+    """Another worker took the job over after this one's lease lapsed: stop, touch nothing."""
+
+
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,  # includes refused and reset connections
+    TimeoutError,
+    sa_exc.OperationalError,  # lost or refused database connection, lock and statement timeouts
+    sa_exc.TimeoutError,  # no connection free in the pool
+    redis_exc.ConnectionError,
+    redis_exc.TimeoutError,
+)
+
+
+def is_permanent(exc: BaseException) -> bool:
+    return isinstance(exc, InvalidParams | PermanentFailure)
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, TRANSIENT_ERRORS)
+
+
+def reason(exc: BaseException) -> str:
+    """A one-line reason a user can read (SQLAlchemy appends SQL and links on later lines)."""
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    if isinstance(exc, InvalidParams):
+        return f"Invalid parameters: {first}"
+    if isinstance(exc, PermanentFailure):
+        return first
+    if is_transient(exc):
+        return f"Temporary failure ({type(exc).__name__}): {first}"
+    return f"{type(exc).__name__}: {first}"
+
+
 class AttemptFailed(Exception):
     """An attempt ended in error; `retry` says whether the job goes back on its lane."""
 
-    def __init__(self, error: str, retry: bool):
+    def __init__(self, error: str, retry: bool, attempt: int = 1):
         super().__init__(error)
         self.retry = retry
+        self.attempt = attempt
 
 
-def _begin_attempt(job_id: int) -> tuple[ExportJob, JobAttempt] | None:
-    """Claim the job for this worker; None when it is no longer runnable (finished, cancelled)."""
-    job = db.session.get(ExportJob, job_id)
-    if job is None or job.state not in JobState.ACTIVE:
+def _lease() -> timedelta:
+    return timedelta(seconds=current_app.config.get("JOB_LEASE", 60.0))
+
+
+def _claim(job_id: int, max_attempts: int) -> tuple[ExportJob, JobAttempt] | None:
+    """Take the job for this worker under a row lock; None when it must not run here now.
+
+    Runnable: queued, retrying, or running with a lapsed lease (its worker died). A second
+    delivery of the same message while the job runs, or after it ended, does nothing: under
+    the lock exactly one of two concurrent deliveries sees a runnable job.
+    """
+    db.session.rollback()
+    job = locked(ExportJob, job_id)
+    now = utcnow()
+    live_claim = (job is not None and job.state == JobState.RUNNING
+                  and job.lease_expires_at is not None and job.lease_expires_at > now)
+    if job is None or job.state not in JobState.ACTIVE or live_claim:
         db.session.rollback()
         return None
-    attempt = JobAttempt(job=job, number=len(job.attempts) + 1, worker=worker_name())
-    job.state = JobState.RUNNING
-    job.started_at = job.started_at or utcnow()
-    job.error = None
+    number = len(job.attempts) + 1
+    if number > max_attempts:  # only after workers died mid-attempt: failures are counted below
+        job.state = JobState.FAILED
+        job.error = f"Gave up after {max_attempts} attempts" + (
+            f"; last error: {job.error}" if job.error else " (its workers stopped responding)")
+        job.finished_at = now
+        job.claimed_by = job.lease_expires_at = None
+        db.session.commit()
+        return None
+    attempt = JobAttempt(job=job, number=number, worker=worker_name())
     db.session.add(attempt)
+    job.state = JobState.RUNNING
+    job.claimed_by = f"{attempt.worker}#{number}"
+    job.lease_expires_at = now + _lease()
+    job.started_at = job.started_at or now
+    job.error = None
     db.session.commit()
     return job, attempt
 
 
+def _save(job_id: int, claim: str, commit: bool = True, **values) -> None:
+    """Write to the job only while this worker still holds its claim.
+
+    Raises Cancelled when the job was cancelled meanwhile, LostClaim when another worker owns it.
+    """
+    done = db.session.execute(
+        update(ExportJob)
+        .where(ExportJob.id == job_id, ExportJob.claimed_by == claim,
+               ExportJob.state == JobState.RUNNING)
+        .values(**values)
+    ).rowcount
+    if done == 1:
+        if commit:
+            db.session.commit()
+        return
+    state = db.session.scalar(select(ExportJob.state).where(ExportJob.id == job_id))
+    db.session.rollback()
+    raise Cancelled if state == JobState.CANCELLED else LostClaim
+
+
 def run(job_id: int, max_attempts: int) -> None:
-    """Run (or resume) one export job to the end, recording the attempt; raises AttemptFailed."""
-    claimed = _begin_attempt(job_id)
+    """Run (or resume) one export job to the end, recording the attempt; raises AttemptFailed.
+
+    Safe to call twice, also at the same time: see `_claim`.
+    """
+    claimed = _claim(job_id, max_attempts)
     if claimed is None:
         return
     job, attempt = claimed
+    claim = job.claimed_by
     files = storage()
     dataset = DATASETS.get(job.dataset)
     try:
         if dataset is None:
-            raise InvalidParams({"dataset": f"{job.dataset!r} no longer exists"})
+            raise PermanentFailure(f"The dataset {job.dataset!r} no longer exists.")
         params = dataset.clean_params(job.params)
         with db.engine.connect() as conn:
             if job.rows_total is None:
-                job.rows_total = conn.execute(dataset.count(job.org_id, params)).scalar_one()
-                db.session.commit()
+                total = conn.execute(dataset.count(job.org_id, params)).scalar_one()
+                _save(job.id, claim, rows_total=total, lease_expires_at=utcnow() + _lease())
 
             def on_checkpoint(cp: Checkpoint) -> None:
-                db.session.refresh(job, ["state"])
-                if job.state == JobState.CANCELLED:
-                    raise Cancelled
-                job.checkpoint = asdict(cp)
-                job.rows_done = cp.rows
-                job.bytes = cp.bytes
-                db.session.commit()
+                _save(job.id, claim, checkpoint=asdict(cp), rows_done=cp.rows, bytes=cp.bytes,
+                      lease_expires_at=utcnow() + _lease())
 
             start = Checkpoint.from_json(job.checkpoint)
             with files.open_part(job.id, job.format, start.bytes) as out:
                 stream(conn, dataset, job.org_id, params, out, start, on_checkpoint,
                        current_app.config["EXPORT_BATCH_ROWS"],
                        current_app.config["CHECKPOINT_INTERVAL"])
-        job.file_name = files.publish(job.id, job.format)
-        job.state = JobState.SUCCEEDED
+        # Marked succeeded and published in one transaction that holds the claim's row lock.
+        _save(job.id, claim, commit=False, state=JobState.SUCCEEDED,
+              file_name=f"job-{int(job.id)}.{job.format}", finished_at=utcnow(),
+              lease_expires_at=None)
+        files.publish(job.id, job.format)
         attempt.outcome = "succeeded"
     except Cancelled:
         db.session.rollback()
         files.discard_part(job.id, job.format)
         attempt.outcome = "cancelled"
+    except LostClaim:
+        db.session.rollback()
+        attempt.outcome = "abandoned"
+        attempt.error = "another worker took the job over after this one's lease lapsed"
     except Exception as exc:
         db.session.rollback()
-        permanent = isinstance(exc, InvalidParams)
-        retry = not permanent and attempt.number < max_attempts
-        attempt.outcome = "failed"
-        attempt.error = job.error = f"{type(exc).__name__}: {exc}"
-        job.state = JobState.RETRYING if retry else JobState.FAILED
-        if not retry:
-            job.finished_at = utcnow()
-            files.discard_part(job.id, job.format)
-        attempt.finished_at = utcnow()
+        error = reason(exc)
+        retry = not is_permanent(exc) and attempt.number < max_attempts
+        owned = True
+        try:
+            _save(job.id, claim, state=JobState.RETRYING if retry else JobState.FAILED,
+                  error=error, lease_expires_at=None, enqueued_at=None,
+                  finished_at=None if retry else utcnow())
+        except (Cancelled, LostClaim) as outcome:
+            retry, owned = False, isinstance(outcome, Cancelled)
+        attempt.outcome, attempt.error, attempt.finished_at = "failed", error, utcnow()
         db.session.commit()
-        raise AttemptFailed(job.error, retry) from exc
+        if owned and not retry:
+            files.discard_part(job.id, job.format)
+        raise AttemptFailed(error, retry, attempt.number) from exc
     attempt.finished_at = utcnow()
-    job.finished_at = job.finished_at or attempt.finished_at
     db.session.commit()

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from huey import Huey
-from huey.consumer import Consumer
+from huey.api import TaskWrapper
+from huey.consumer import Consumer, Scheduler
 from huey.storage import BaseStorage, RedisStorage, SqliteStorage
+from redis import ConnectionPool
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -38,6 +45,33 @@ class UnconfiguredStorage(BaseStorage):
         raise RuntimeError(f"lane {self.name!r} is not configured: call jobs.lanes.configure()")
 
 
+class LaneScheduler(Scheduler):
+    """Huey's scheduler, plus the lane's interval tasks (Huey's own periodic tasks are per
+    minute at best; the reconciler wants seconds)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._due: dict[str, float] = {}
+
+    def loop(self, now=None):
+        if self.periodic:
+            self.enqueue_interval_tasks()
+        return super().loop(now)
+
+    def enqueue_interval_tasks(self) -> None:
+        for task, seconds in self.huey.interval_tasks:
+            if self._due.get(task.name, 0.0) <= time.monotonic():
+                self._due[task.name] = time.monotonic() + seconds
+                try:
+                    self.huey.enqueue(task.s())
+                except Exception:  # broker down: try again at the next interval
+                    log.exception("could not enqueue interval task %s", task.name)
+
+
+class LaneConsumer(Consumer):
+    scheduler_class = LaneScheduler
+
+
 class Lane(Huey):
     """A Huey instance whose storage (SQLite file or Redis keys) is chosen by `configure`."""
 
@@ -45,11 +79,29 @@ class Lane(Huey):
         self.settings = settings
         self.broker_url = ""
         self.queue_dir: Path | None = None
+        self.interval_tasks: list[tuple[TaskWrapper, float]] = []
         super().__init__(name, results=False, utc=True)
+
+    def every(self, seconds: float, name: str) -> Callable[[Callable], TaskWrapper]:
+        """Declare a task on this lane that its consumer enqueues every `seconds` (and once
+        at start-up); several consumers of one lane each enqueue it, so it must be idempotent."""
+
+        def decorator(func: Callable) -> TaskWrapper:
+            task = self.task(name=name, timeout=self.settings.timeout)(func)
+            self.interval_tasks.append((task, seconds))
+            return task
+
+        return decorator
+
+    def create_consumer(self, **options) -> Consumer:
+        return LaneConsumer(self, **options)
 
     def get_storage(self, **kwargs) -> BaseStorage:
         if self.broker_url.startswith(("redis://", "rediss://", "unix://")):
-            return RedisStorage(self.name, url=self.broker_url, blocking=True, read_timeout=1)
+            # A broker that does not answer must fail a submission fast, not hang a request:
+            # the job stays recorded and the reconciler sends it later.
+            pool = ConnectionPool.from_url(self.broker_url, socket_connect_timeout=5)
+            return RedisStorage(self.name, connection_pool=pool, blocking=True, read_timeout=1)
         if self.queue_dir is not None:
             return SqliteStorage(
                 self.name, filename=str(self.queue_dir / f"queue-{self.name}.db"), timeout=30

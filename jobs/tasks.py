@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from flask import Flask, current_app, has_app_context
 
-from jobs import engine, lanes
+from jobs import dispatch, engine, lanes
 
 log = logging.getLogger(__name__)
 _app: Flask | None = None
@@ -30,18 +31,37 @@ def _task_app() -> Flask:
 
 
 EXPORT_ATTEMPTS = lanes.exports.settings.retries + 1
+MAX_RETRY_DELAY = 600.0
+
+
+def backoff(base: float, attempt: int) -> float:
+    """Seconds before retrying after failed attempt number `attempt`: base, 2x, 4x... capped."""
+    return min(base * 2 ** (attempt - 1), MAX_RETRY_DELAY)
 
 
 @lanes.exports.task(name="export", timeout=lanes.exports.settings.timeout)
 def run_export(job_id: int) -> None:
-    """Run or resume an export; a failed attempt goes back on the lane after the retry delay."""
+    """Run or resume an export; a failed attempt goes back on the lane after a backoff delay."""
     with _task_app().app_context():
         try:
             engine.run(job_id, EXPORT_ATTEMPTS)
         except engine.AttemptFailed as failure:
-            log.warning("export %s attempt failed: %s", job_id, failure)
-            if failure.retry:
-                run_export.schedule((job_id,), delay=lanes.exports.settings.retry_delay)
+            log.warning("export %s attempt %s failed: %s", job_id, failure.attempt, failure)
+            if failure.retry:  # if this fails (broker down) the reconciler sends the job later
+                delay = backoff(lanes.exports.settings.retry_delay, failure.attempt)
+                run_export.schedule((job_id,), delay=delay)
+                dispatch.mark_enqueued(job_id)
 
 
-TASKS = {"export": (run_export, lanes.exports)}
+RECONCILE_LANE = lanes.LANES[os.environ.get("RECONCILE_LANE", "critical")]
+RECONCILE_INTERVAL = float(os.environ.get("RECONCILE_INTERVAL", 30))
+
+
+@RECONCILE_LANE.every(RECONCILE_INTERVAL, name="reconcile")
+def reconcile() -> None:
+    """Send the jobs whose message never reached their lane (see jobs.dispatch.reconcile)."""
+    with _task_app().app_context() as ctx:
+        dispatch.reconcile(ctx.app.config["RECONCILE_GRACE"])
+
+
+TASKS = {"export": (run_export, lanes.exports), "reconcile": (reconcile, RECONCILE_LANE)}

@@ -47,6 +47,11 @@ def load() -> dict:
         "EXPORT_DIR": os.environ.get("EXPORT_DIR") or str(instance / "exports"),
         "EXPORT_BATCH_ROWS": int(os.environ.get("EXPORT_BATCH_ROWS", 5000)),
         "CHECKPOINT_INTERVAL": _seconds("CHECKPOINT_INTERVAL", 0.5),
+        # A running job's claim lapses unless renewed (at every checkpoint) within JOB_LEASE.
+        "JOB_LEASE": _seconds("JOB_LEASE", 60),
+        # The reconciler sends a queued job the lane never got once it is this old.
+        "RECONCILE_GRACE": _seconds("RECONCILE_GRACE", 10),
+        "IDEMPOTENCY_TTL": timedelta(hours=24),
         "SMTP_URL": os.environ.get("SMTP_URL", ""),
         "DOWNLOAD_LINK_TTL": timedelta(seconds=_seconds("DOWNLOAD_LINK_TTL", 7 * 86400)),
         "EXPORT_RETENTION": timedelta(seconds=_seconds("EXPORT_RETENTION", 7 * 86400)),
