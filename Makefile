@@ -4,7 +4,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test lint bench install clean
+.PHONY: dev test test-postgres test-all lint bench install clean
+# The server test-postgres creates (and drops) a fresh database on, per test session.
+TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,6 +23,12 @@ dev: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
+
+test-postgres: $(STAMP)
+	TEST_DATABASE_URL=$(TEST_POSTGRES_URL) $(BIN)/python -m pytest
+
+# What CI runs: the whole suite on SQLite, then again on PostgreSQL.
+test-all: test test-postgres
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

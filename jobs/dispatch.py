@@ -1,21 +1,26 @@
-"""The web app's only door into the lanes: submit after commit (later: cancel, retry, health)."""
+"""The web app's only door into the lanes: submit after commit, and reconcile what never arrived."""
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 
-from sqlalchemy import event
+from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
 
-from webapp.models import ExportJob, db
+from webapp.models import ExportJob, JobState, db, utcnow
 
 log = logging.getLogger(__name__)
 _PENDING = "exportdesk.after_commit"
 
 
 def on_commit(session: Session, send: Callable[[], None]) -> None:
-    """Run `send` once the session's current transaction commits; forget it on rollback."""
+    """Run `send` once the session's current transaction commits; forget it on rollback.
+
+    Flask-SQLAlchemy has no on_commit: without it a fast worker can pick up a job whose row
+    the web request has not committed yet, and find nothing.
+    """
     session.info.setdefault(_PENDING, []).append(send)
 
 
@@ -24,8 +29,9 @@ def _send_pending(session: Session) -> None:
     for send in session.info.pop(_PENDING, []):
         try:
             send()
-        except Exception:  # the job row stays queued; the reconciler sends it again
-            log.exception("could not hand a committed job to its lane")
+        except Exception as exc:  # the job row stays queued; the reconciler sends it later
+            log.warning("could not hand a committed job to its lane (%s: %s); "
+                        "the reconciler will send it", type(exc).__name__, exc)
 
 
 @event.listens_for(Session, "after_rollback")
@@ -35,7 +41,57 @@ def _drop_pending(session: Session) -> None:
 
 def submit(job: ExportJob) -> None:
     """Hand the (flushed) job to its lane after the transaction that created it commits."""
+    job_id = job.id
+    on_commit(db.session(), lambda: send(job_id))
+
+
+def send(job_id: int) -> None:
+    """Put a committed job's message on its lane now; raises if the broker is unreachable."""
     from jobs.tasks import run_export
 
-    job_id = job.id
-    on_commit(db.session(), lambda: run_export(job_id))
+    run_export(job_id)
+    mark_enqueued(job_id)
+
+
+def mark_enqueued(job_id: int) -> None:
+    """Record, in a short transaction of its own, that the lane has accepted a message."""
+    with db.engine.begin() as conn:
+        conn.execute(update(ExportJob).where(ExportJob.id == job_id)
+                     .values(enqueued_at=utcnow()))
+
+
+def reconcile(grace: float) -> list[int]:
+    """Send every job that waits for a message its lane never got; returns the ids sent.
+
+    Two cases: a queued or retrying job whose send failed or never happened (broker down, web
+    or worker process gone between commit and send) once it is `grace` seconds old, and a
+    running job whose lease lapsed (its worker died). A message sent twice is harmless: the
+    claim step in jobs.engine runs a job only once at a time.
+    """
+    now = utcnow()
+    db.session.execute(
+        update(ExportJob)
+        .where(ExportJob.state == JobState.RUNNING, ExportJob.lease_expires_at < now)
+        .values(state=JobState.RETRYING, enqueued_at=None, claimed_by=None)
+    )
+    db.session.commit()
+    waiting = db.session.scalars(
+        select(ExportJob.id).where(
+            ExportJob.state.in_((JobState.QUEUED, JobState.RETRYING)),
+            ExportJob.enqueued_at.is_(None),
+            ExportJob.created_at <= now - timedelta(seconds=grace),
+        ).order_by(ExportJob.id)
+    ).all()
+    db.session.commit()
+    sent: list[int] = []
+    for job_id in waiting:
+        try:
+            send(job_id)
+        except Exception as exc:
+            log.warning("reconciler: lane still unreachable (%s: %s); %d job(s) wait",
+                        type(exc).__name__, exc, len(waiting) - len(sent))
+            break
+        sent.append(job_id)
+    if sent:
+        log.info("reconciler sent %d job(s) that never reached their lane: %s", len(sent), sent)
+    return sent

@@ -16,12 +16,14 @@ from typing import BinaryIO
 
 from flask import current_app
 from huey.exceptions import TaskTimeout
-from sqlalchemy import Connection, and_, func, or_, select, update
+from redis import exceptions as redis_exc
+from sqlalchemy import Connection, func, select, update
+from sqlalchemy import exc as sa_exc
 
 from jobs import lanes
 from jobs.datasets import DATASETS, Dataset, InvalidParams
 from jobs.storage import LocalStorage
-from webapp.models import ExportJob, JobAttempt, JobState, User, db, utcnow
+from webapp.models import ExportJob, JobAttempt, JobState, User, db, locked, utcnow
 
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
 
@@ -132,12 +134,12 @@ def storage() -> LocalStorage:
     return LocalStorage(current_app.config["EXPORT_DIR"])
 
 
-class AttemptFailed(Exception):
-    """An attempt ended in error; `retry` says whether the job goes back on its lane."""
+class PermanentFailure(Exception):
+    """Retrying cannot help (bad parameters, a dataset that is gone): fail at once, say why."""
 
-    def __init__(self, error: str, retry: bool):
-        super().__init__(error)
-        self.retry = retry
+
+class LostClaim(Exception):
+    """Another worker took the job over after this one's lease lapsed: stop, touch nothing."""
 
 
 class Deferred(Exception):
@@ -148,148 +150,135 @@ class Interrupted(Exception):
     """The consumer is shutting down: the job was checkpointed and must go back on its lane."""
 
 
-def _lease_until() -> datetime:
-    return utcnow() + timedelta(seconds=current_app.config["LEASE_SECONDS"])
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    ConnectionError,  # includes refused and reset connections
+    TimeoutError,
+    TaskTimeout,
+    sa_exc.OperationalError,  # lost or refused database connection, lock and statement timeouts
+    sa_exc.TimeoutError,  # no connection free in the pool
+    redis_exc.ConnectionError,
+    redis_exc.TimeoutError,
+)
 
 
-def _claim(job_id: int) -> tuple[ExportJob, JobAttempt] | None:
-    """Take the job for this worker, or None when another worker holds it or it is over.
+def is_permanent(exc: BaseException) -> bool:
+    return isinstance(exc, InvalidParams | PermanentFailure)
 
-    One conditional UPDATE decides between concurrent deliveries of the same message (only
-    one sees its row change); the owner's running exports are counted in the same transaction,
-    after the owner's row is locked, so fair share holds across workers. Raises Deferred.
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    return isinstance(exc, TRANSIENT_ERRORS)
+
+
+def reason(exc: BaseException) -> str:
+    """A one-line reason a user can read (SQLAlchemy appends SQL and links on later lines)."""
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    if isinstance(exc, InvalidParams):
+        return f"Invalid parameters: {first}"
+    if isinstance(exc, PermanentFailure):
+        return first
+    if isinstance(exc, TaskTimeout):
+        return f"TaskTimeout: the attempt ran past the lane's hard limit ({first})"
+    if is_transient(exc):
+        return f"Temporary failure ({type(exc).__name__}): {first}"
+    return f"{type(exc).__name__}: {first}"
+
+
+class AttemptFailed(Exception):
+    """An attempt ended in error; `retry` says whether the job goes back on its lane."""
+
+    def __init__(self, error: str, retry: bool, attempt: int = 1):
+        super().__init__(error)
+        self.retry = retry
+        self.attempt = attempt
+
+
+def _lease() -> timedelta:
+    return timedelta(seconds=current_app.config.get("JOB_LEASE", 60.0))
+
+
+def _claim(job_id: int, max_attempts: int) -> tuple[ExportJob, JobAttempt] | None:
+    """Take the job for this worker under a row lock; None when it must not run here now.
+
+    Runnable: queued, retrying, or running with a lapsed lease (its worker died). A second
+    delivery of the same message while the job runs, or after it ended, does nothing: under
+    the lock exactly one of two concurrent deliveries sees a runnable job. Fair share: with
+    the owner's row locked too, raises Deferred while the owner has their share running.
     """
+    db.session.rollback()
+    job = locked(ExportJob, job_id)
     now = utcnow()
-    job = db.session.get(ExportJob, job_id)
-    if job is None:
-        return None
-    db.session.execute(select(User.id).where(User.id == job.user_id).with_for_update())
-    claimed = db.session.execute(
-        update(ExportJob)
-        .where(ExportJob.id == job_id)
-        .where(or_(ExportJob.state.in_([JobState.QUEUED, JobState.RETRYING]),
-                   and_(ExportJob.state == JobState.RUNNING,
-                        or_(ExportJob.lease_expires_at.is_(None),
-                            ExportJob.lease_expires_at < now))))
-        .values(state=JobState.RUNNING, lease_expires_at=_lease_until(), error=None)
-    ).rowcount
-    if not claimed:
+    live_claim = (job is not None and job.state == JobState.RUNNING
+                  and job.lease_expires_at is not None and job.lease_expires_at > now)
+    if job is None or job.state not in JobState.ACTIVE or live_claim:
         db.session.rollback()
         return None
+    locked(User, job.user_id)
     running = db.session.scalar(
         select(func.count()).select_from(ExportJob).where(
             ExportJob.user_id == job.user_id, ExportJob.id != job_id,
-            ExportJob.state == JobState.RUNNING, ExportJob.lease_expires_at >= now)
+            ExportJob.state == JobState.RUNNING, ExportJob.lease_expires_at > now)
     )
     if running >= current_app.config["EXPORTS_RUNNING_PER_USER"]:
         db.session.rollback()
         raise Deferred
-    db.session.refresh(job)
-    job.started_at = job.started_at or now
-    attempt = JobAttempt(job=job, number=len(job.attempts) + 1, worker=worker_name())
+    number = len(job.attempts) + 1
+    if number > max_attempts:  # only after workers died mid-attempt: failures are counted below
+        job.state = JobState.FAILED
+        job.error = f"Gave up after {max_attempts} attempts" + (
+            f"; last error: {job.error}" if job.error else " (its workers stopped responding)")
+        job.finished_at = now
+        job.claimed_by = job.lease_expires_at = None
+        db.session.commit()
+        return None
+    attempt = JobAttempt(job=job, number=number, worker=worker_name())
     db.session.add(attempt)
+    job.state = JobState.RUNNING
+    job.claimed_by = f"{attempt.worker}#{number}"
+    job.lease_expires_at = now + _lease()
+    job.started_at = job.started_at or now
+    job.error = None
     db.session.commit()
     return job, attempt
 
 
-class _Heartbeat(threading.Thread):
-    """Renews the job's lease while the attempt runs, even through a long query."""
+def _save(job_id: int, claim: str, commit: bool = True, **values) -> None:
+    """Write to the job only while this worker still holds its claim.
 
-    def __init__(self, app, job_id: int):
+    Raises Cancelled when the job was cancelled meanwhile, LostClaim when another worker owns it.
+    """
+    done = db.session.execute(
+        update(ExportJob)
+        .where(ExportJob.id == job_id, ExportJob.claimed_by == claim,
+               ExportJob.state == JobState.RUNNING)
+        .values(**values)
+    ).rowcount
+    if done == 1:
+        if commit:
+            db.session.commit()
+        return
+    state = db.session.scalar(select(ExportJob.state).where(ExportJob.id == job_id))
+    db.session.rollback()
+    raise Cancelled if state == JobState.CANCELLED else LostClaim
+
+
+class _Heartbeat(threading.Thread):
+    """Renews the claim's lease while the attempt runs, also through a long query."""
+
+    def __init__(self, app, job_id: int, claim: str):
         super().__init__(daemon=True, name=f"lease-{job_id}")
-        self.app, self.job_id, self.done = app, job_id, threading.Event()
+        self.app, self.job_id, self.claim, self.done = app, job_id, claim, threading.Event()
 
     def run(self) -> None:
-        every = self.app.config["LEASE_SECONDS"] / 3
         with self.app.app_context():
-            while not self.done.wait(every):
+            while not self.done.wait(_lease().total_seconds() / 3):
                 with db.engine.begin() as conn:
                     conn.execute(update(ExportJob)
                                  .where(ExportJob.id == self.job_id,
+                                        ExportJob.claimed_by == self.claim,
                                         ExportJob.state == JobState.RUNNING)
-                                 .values(lease_expires_at=_lease_until()))
-
-
-def run(job_id: int, max_attempts: int) -> None:
-    """Run (or resume) one export job to the end, recording the attempt.
-
-    Raises AttemptFailed (retry or not), Deferred (fair share) or Interrupted (shutdown).
-    """
-    if lanes.stopping():  # taken from the queue while our consumer shuts down: give it back
-        raise Interrupted
-    claimed = _claim(job_id)
-    if claimed is None:
-        return
-    job, attempt = claimed
-    # Stop cleanly at a checkpoint just before the lane's hard timeout (SIGALRM) would strike
-    # at a random point; the hard limit stays as the backstop for a stuck query.
-    limit = lanes.exports.settings.timeout
-    soft_deadline = time.monotonic() + limit - min(limit * 0.1, 5.0)
-    heartbeat = _Heartbeat(current_app._get_current_object(), job.id)
-    files = storage()
-    try:
-        heartbeat.start()
-        dataset = DATASETS.get(job.dataset)
-        if dataset is None:
-            raise InvalidParams({"dataset": f"{job.dataset!r} no longer exists"})
-        params = dataset.clean_params(job.params)
-        with db.engine.connect() as conn:
-            if job.rows_total is None:
-                job.rows_total = conn.execute(dataset.count(job.org_id, params)).scalar_one()
-                db.session.commit()
-
-            def on_checkpoint(cp: Checkpoint) -> None:
-                db.session.refresh(job, ["state"])
-                if job.state == JobState.CANCELLED:
-                    raise Cancelled
-                job.checkpoint = asdict(cp)
-                job.rows_done = cp.rows
-                job.bytes = cp.bytes
-                job.lease_expires_at = _lease_until()
-                db.session.commit()
-                if lanes.stopping():
-                    raise Interrupted
-                if time.monotonic() > soft_deadline:
-                    raise TaskTimeout(f"timeout ({limit}s)")
-
-            start = Checkpoint.from_json(job.checkpoint)
-            with files.open_part(job.id, job.format, start.bytes) as out:
-                stream(conn, dataset, job.org_id, params, out, start, on_checkpoint,
-                       current_app.config["EXPORT_BATCH_ROWS"],
-                       current_app.config["CHECKPOINT_INTERVAL"])
-        job.file_name = files.publish(job.id, job.format)
-        job.state = JobState.SUCCEEDED
-        attempt.outcome = "succeeded"
-    except Cancelled:
-        db.session.rollback()
-        files.discard_part(job.id, job.format)
-        attempt.outcome = "cancelled"
-    except (Interrupted, KeyboardInterrupt):  # KeyboardInterrupt: Huey's forced shutdown
-        _disarm_hard_timeout()
-        db.session.rollback()
-        job.state = JobState.QUEUED
-        attempt.outcome = "interrupted"
-        _end(job, attempt)
-        raise Interrupted from None
-    except Exception as exc:
-        _disarm_hard_timeout()
-        db.session.rollback()
-        permanent = isinstance(exc, InvalidParams)
-        retry = not permanent and attempt.number < max_attempts
-        timed_out = _caused_by(exc, TaskTimeout)
-        attempt.outcome = "timed_out" if timed_out else "failed"
-        attempt.error = job.error = (f"TaskTimeout: {timed_out}" if timed_out
-                                     else f"{type(exc).__name__}: {exc}")
-        job.state = JobState.RETRYING if retry else JobState.FAILED
-        if not retry:
-            job.finished_at = utcnow()
-            files.discard_part(job.id, job.format)
-        _end(job, attempt)
-        raise AttemptFailed(job.error, retry) from exc
-    finally:
-        heartbeat.done.set()
-    job.finished_at = job.finished_at or utcnow()
-    _end(job, attempt)
+                                 .values(lease_expires_at=utcnow() + _lease()))
 
 
 def _disarm_hard_timeout() -> None:
@@ -307,42 +296,95 @@ def _caused_by(exc: BaseException | None, kind: type) -> BaseException | None:
     return None
 
 
-def _end(job: ExportJob, attempt: JobAttempt) -> None:
-    attempt.finished_at = utcnow()
-    job.lease_expires_at = None
-    db.session.commit()
+def run(job_id: int, max_attempts: int) -> None:
+    """Run (or resume) one export job to the end, recording the attempt.
 
-
-def reap_lapsed_leases(max_attempts: int) -> list[int]:
-    """Jobs whose worker died (lease lapsed): back on their lane, or failed after the last try.
-
-    Returns the ids to send to the lane again. Safe to run in every consumer at once: each
-    job changes state in one conditional UPDATE, so only one reaper acts on it.
+    Safe to call twice, also at the same time: see `_claim`. Raises AttemptFailed (retry or
+    not), Deferred (fair share) or Interrupted (our consumer is shutting down).
     """
-    now = utcnow()
-    lapsed = db.session.scalars(
-        select(ExportJob).where(ExportJob.state == JobState.RUNNING,
-                                ExportJob.lease_expires_at < now)
-    ).all()
-    resend = []
-    for job in lapsed:
-        last = job.attempts[-1] if job.attempts else None
-        retry = len(job.attempts) < max_attempts
-        reason = f"worker {last.worker if last else '?'} stopped responding (lease expired)"
-        values = dict(state=JobState.RETRYING if retry else JobState.FAILED,
-                      lease_expires_at=None)
-        if not retry:
-            values.update(error=f"{reason} after {len(job.attempts)} attempts",
-                          finished_at=now)
-        won = db.session.execute(
-            update(ExportJob).where(ExportJob.id == job.id, ExportJob.state == JobState.RUNNING,
-                                    ExportJob.lease_expires_at < now).values(**values)
-        ).rowcount
-        if won and last is not None and last.outcome is None:
-            last.outcome, last.error, last.finished_at = "lost", reason, now
-        if won and retry:
-            resend.append(job.id)
-        elif won:
-            storage().discard_part(job.id, job.format)
+    if lanes.stopping():  # taken from the queue while our consumer shuts down: give it back
+        raise Interrupted
+    claimed = _claim(job_id, max_attempts)
+    if claimed is None:
+        return
+    job, attempt = claimed
+    claim = job.claimed_by
+    # Stop cleanly at a checkpoint just before the lane's hard timeout (SIGALRM) would strike
+    # at a random point; the hard limit stays as the backstop for a stuck query.
+    limit = lanes.exports.settings.timeout
+    soft_deadline = time.monotonic() + limit - min(limit * 0.1, 5.0)
+    heartbeat = _Heartbeat(current_app._get_current_object(), job.id, claim)
+    files = storage()
+    try:
+        heartbeat.start()
+        dataset = DATASETS.get(job.dataset)
+        if dataset is None:
+            raise PermanentFailure(f"The dataset {job.dataset!r} no longer exists.")
+        params = dataset.clean_params(job.params)
+        with db.engine.connect() as conn:
+            if job.rows_total is None:
+                total = conn.execute(dataset.count(job.org_id, params)).scalar_one()
+                _save(job.id, claim, rows_total=total, lease_expires_at=utcnow() + _lease())
+
+            def on_checkpoint(cp: Checkpoint) -> None:
+                _save(job.id, claim, checkpoint=asdict(cp), rows_done=cp.rows, bytes=cp.bytes,
+                      lease_expires_at=utcnow() + _lease())
+                if lanes.stopping():
+                    raise Interrupted
+                if time.monotonic() > soft_deadline:
+                    raise TaskTimeout(f"timeout ({limit}s)")
+
+            start = Checkpoint.from_json(job.checkpoint)
+            with files.open_part(job.id, job.format, start.bytes) as out:
+                stream(conn, dataset, job.org_id, params, out, start, on_checkpoint,
+                       current_app.config["EXPORT_BATCH_ROWS"],
+                       current_app.config["CHECKPOINT_INTERVAL"])
+        # Marked succeeded and published in one transaction that holds the claim's row lock.
+        _save(job.id, claim, commit=False, state=JobState.SUCCEEDED,
+              file_name=f"job-{int(job.id)}.{job.format}", finished_at=utcnow(),
+              lease_expires_at=None)
+        files.publish(job.id, job.format)
+        attempt.outcome = "succeeded"
+    except Cancelled:
+        db.session.rollback()
+        files.discard_part(job.id, job.format)
+        attempt.outcome = "cancelled"
+    except LostClaim:
+        db.session.rollback()
+        attempt.outcome = "abandoned"
+        attempt.error = "another worker took the job over after this one's lease lapsed"
+    except (Interrupted, KeyboardInterrupt):  # KeyboardInterrupt: Huey's forced shutdown
+        _disarm_hard_timeout()
+        db.session.rollback()
+        try:
+            _save(job.id, claim, commit=False, state=JobState.QUEUED, claimed_by=None,
+                  lease_expires_at=None, enqueued_at=None)
+        except (Cancelled, LostClaim):
+            pass
+        attempt.outcome, attempt.finished_at = "interrupted", utcnow()
+        db.session.commit()
+        raise Interrupted from None
+    except Exception as exc:
+        _disarm_hard_timeout()
+        db.session.rollback()
+        timed_out = _caused_by(exc, TaskTimeout)
+        error = reason(timed_out or exc)
+        retry = not is_permanent(exc) and attempt.number < max_attempts
+        owned = True
+        try:
+            _save(job.id, claim, commit=False,
+                  state=JobState.RETRYING if retry else JobState.FAILED,
+                  error=error, lease_expires_at=None, enqueued_at=None,
+                  finished_at=None if retry else utcnow())
+        except (Cancelled, LostClaim) as outcome:
+            retry, owned = False, isinstance(outcome, Cancelled)
+        attempt.outcome = "timed_out" if timed_out else "failed"
+        attempt.error, attempt.finished_at = error, utcnow()
+        db.session.commit()
+        if owned and not retry:
+            files.discard_part(job.id, job.format)
+        raise AttemptFailed(error, retry, attempt.number) from exc
+    finally:
+        heartbeat.done.set()
+    attempt.finished_at = utcnow()
     db.session.commit()
-    return resend

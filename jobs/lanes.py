@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import socket
 import time
@@ -14,8 +15,12 @@ from pathlib import Path
 
 from huey import Huey, crontab  # noqa: F401 (crontab: for periodic tasks)
 from huey import signals as S
-from huey.consumer import Consumer, ForkSafeFlag
+from huey.api import TaskWrapper
+from huey.consumer import Consumer, ForkSafeFlag, Scheduler
 from huey.storage import BaseStorage, RedisStorage, SqliteStorage
+from redis import ConnectionPool
+
+log = logging.getLogger(__name__)
 
 DEFAULTS = {
     "critical": dict(workers=8, timeout=30.0, retries=3, retry_delay=60.0, retry_backoff=2.0,
@@ -72,6 +77,29 @@ HEARTBEAT_SECONDS = 2.0
 _stop_flag: ForkSafeFlag | None = None
 
 
+class LaneScheduler(Scheduler):
+    """Huey's scheduler, plus the lane's interval tasks (Huey's own periodic tasks are per
+    minute at best; the reconciler wants seconds)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._due: dict[str, float] = {}
+
+    def loop(self, now=None):
+        if self.periodic:
+            self.enqueue_interval_tasks()
+        return super().loop(now)
+
+    def enqueue_interval_tasks(self) -> None:
+        for task, seconds in self.huey.interval_tasks:
+            if self._due.get(task.name, 0.0) <= time.monotonic():
+                self._due[task.name] = time.monotonic() + seconds
+                try:
+                    self.huey.enqueue(task.s())
+                except Exception:  # broker down: try again at the next interval
+                    log.exception("could not enqueue interval task %s", task.name)
+
+
 def stopping() -> bool:
     """True in a worker process once its consumer was asked to stop (graceful shutdown)."""
     return _stop_flag is not None and _stop_flag.is_set()
@@ -92,12 +120,27 @@ class Lane(Huey):
         self.settings = LaneSettings.load(name)
         self.broker_url = ""
         self.queue_dir: Path | None = None
+        self.interval_tasks: list[tuple[TaskWrapper, float]] = []
         super().__init__(name, results=False, utc=True)
         self.signal()(self._record)
 
+    def every(self, seconds: float, name: str) -> Callable[[Callable], TaskWrapper]:
+        """Declare a task on this lane that its consumer enqueues every `seconds` (and once
+        at start-up); several consumers of one lane each enqueue it, so it must be idempotent."""
+
+        def decorator(func: Callable) -> TaskWrapper:
+            task = self.task(name=name)(func)
+            self.interval_tasks.append((task, seconds))
+            return task
+
+        return decorator
+
     def get_storage(self, **kwargs) -> BaseStorage:
         if self.broker_url.startswith(("redis://", "rediss://", "unix://")):
-            return RedisStorage(self.name, url=self.broker_url, blocking=True, read_timeout=1)
+            # A broker that does not answer must fail a submission fast, not hang a request:
+            # the job stays recorded and the reconciler sends it later.
+            pool = ConnectionPool.from_url(self.broker_url, socket_connect_timeout=5)
+            return RedisStorage(self.name, connection_pool=pool, blocking=True, read_timeout=1)
         if self.queue_dir is not None:
             return SqliteStorage(
                 self.name, filename=str(self.queue_dir / f"queue-{self.name}.db"), timeout=30
@@ -201,7 +244,7 @@ class Lane(Huey):
             "failed_5m": sum(self.storage.incr(f"ledger:failed:{m}", 0) for m in minutes),
         }
 
-    def consumer(self, on_tick: Callable[[], None] | None = None, **overrides) -> Consumer:
+    def consumer(self, **overrides) -> Consumer:
         """A consumer with this lane's settings; SIGINT and SIGTERM both stop it gracefully."""
         s = self.settings
         options = dict(
@@ -216,15 +259,17 @@ class Lane(Huey):
             shutdown_timeout=s.shutdown_timeout,
         )
         options.update(overrides)
-        return LaneConsumer(self, on_tick=on_tick, **options)
+        return LaneConsumer(self, **options)
 
 
 class LaneConsumer(Consumer):
-    """Huey's consumer plus a heartbeat, a periodic hook (the reaper) and graceful SIGTERM."""
+    """Huey's consumer plus interval tasks, a heartbeat and a graceful SIGTERM."""
 
-    def __init__(self, lane: Lane, on_tick: Callable[[], None] | None = None, **options):
+    scheduler_class = LaneScheduler
+
+    def __init__(self, lane: Lane, **options):
         super().__init__(lane, **options)
-        self.lane, self.on_tick = lane, on_tick
+        self.lane = lane
         import signal
 
         self._signal_actions[signal.SIGTERM] = (False, True)  # graceful, like SIGINT
@@ -238,11 +283,6 @@ class LaneConsumer(Consumer):
     def check_worker_health(self) -> bool:
         healthy = super().check_worker_health()
         self.lane.heartbeat(self.workers)
-        if self.on_tick is not None:
-            try:
-                self.on_tick()
-            except Exception:
-                self._logger.exception("lane tick failed")
         return healthy
 
     def stop(self, graceful: bool = False) -> None:

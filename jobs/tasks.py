@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import os
 
 from flask import Flask, current_app, has_app_context
 
-from jobs import engine, lanes
+from jobs import dispatch, engine, lanes
 
 log = logging.getLogger(__name__)
 _app: Flask | None = None
@@ -31,18 +32,20 @@ def _task_app() -> Flask:
 
 
 EXPORT_ATTEMPTS = lanes.exports.settings.retries + 1
+MAX_RETRY_DELAY = 600.0
 
 
-def retry_delay(attempt: int) -> float:
-    """Seconds before attempt `attempt + 1`: the lane's delay, growing by its backoff."""
-    s = lanes.exports.settings
-    return s.retry_delay * s.retry_backoff ** max(attempt - 1, 0)
+def backoff(base: float, attempt: int) -> float:
+    """Seconds before retrying after failed attempt number `attempt`: base, then growing by
+    the lane's retry_backoff factor (2: 5, 10, 20 s...), capped."""
+    factor = lanes.exports.settings.retry_backoff
+    return min(base * factor ** (attempt - 1), MAX_RETRY_DELAY)
 
 
 # Retries are the engine's, counted in the job's attempts, not Huey's: the row is the truth.
 @lanes.exports.task(name="export", retries=0)
 def run_export(job_id: int) -> None:
-    """Run or resume an export; a failed attempt goes back on the lane after the retry delay."""
+    """Run or resume an export; a failed attempt goes back on the lane after a backoff delay."""
     with _task_app().app_context():
         try:
             engine.run(job_id, EXPORT_ATTEMPTS)
@@ -51,18 +54,24 @@ def run_export(job_id: int) -> None:
         except engine.Interrupted:
             log.info("export %s checkpointed for shutdown; back on its lane", job_id)
             run_export(job_id)
+            dispatch.mark_enqueued(job_id)
         except engine.AttemptFailed as failure:
-            log.warning("export %s attempt failed: %s", job_id, failure)
-            if failure.retry:
-                from webapp.models import ExportJob, db
+            log.warning("export %s attempt %s failed: %s", job_id, failure.attempt, failure)
+            if failure.retry:  # if this fails (broker down) the reconciler sends the job later
+                delay = backoff(lanes.exports.settings.retry_delay, failure.attempt)
+                run_export.schedule((job_id,), delay=delay)
+                dispatch.mark_enqueued(job_id)
 
-                attempts = len(db.session.get(ExportJob, job_id).attempts)
-                run_export.schedule((job_id,), delay=retry_delay(attempts))
+
+RECONCILE_LANE = lanes.LANES[os.environ.get("RECONCILE_LANE", "critical")]
+RECONCILE_INTERVAL = float(os.environ.get("RECONCILE_INTERVAL", 30))
 
 
-def reap() -> None:
-    """Put exports whose worker died back on their lane (run by every exports consumer)."""
-    with _task_app().app_context():
-        for job_id in engine.reap_lapsed_leases(EXPORT_ATTEMPTS):
-            log.warning("export %s lost its worker; resuming from its checkpoint", job_id)
-            run_export(job_id)
+@RECONCILE_LANE.every(RECONCILE_INTERVAL, name="reconcile")
+def reconcile() -> None:
+    """Send the jobs whose message never reached their lane (see jobs.dispatch.reconcile)."""
+    with _task_app().app_context() as ctx:
+        dispatch.reconcile(ctx.app.config["RECONCILE_GRACE"])
+
+
+TASKS = {"export": (run_export, lanes.exports), "reconcile": (reconcile, RECONCILE_LANE)}

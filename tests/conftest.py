@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import shutil
 import socket
 import subprocess
@@ -12,9 +13,49 @@ import time
 from pathlib import Path
 
 import pytest
+from sqlalchemy import create_engine, make_url
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_ROWS = 20_000
+# Set it to run the whole suite on PostgreSQL, e.g.
+# TEST_DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/postgres: every session (and
+# every stack) gets a fresh database on that server, dropped afterwards.
+TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "")
+if not TEST_DATABASE_URL:
+    os.environ.pop("DATABASE_URL", None)  # never point the suite at a developer's database
+
+
+def create_database(server_url: str) -> str:
+    """A fresh, empty database on the server `server_url` points at; returns its URL."""
+    url = make_url(server_url)
+    name = f"exportdesk_test_{secrets.token_hex(6)}"
+    engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+    engine.dispose()
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(server_url: str, database_url: str) -> None:
+    engine = create_engine(make_url(server_url), isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        name = make_url(database_url).database
+        conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    engine.dispose()
+
+
+def database_for(instance: Path) -> str:
+    """The database a test instance uses: its own SQLite file, or a fresh PostgreSQL one."""
+    if TEST_DATABASE_URL:
+        return create_database(TEST_DATABASE_URL)
+    return f"sqlite:///{instance / 'exportdesk.db'}"
+
+
+def migrate_and_seed(env: dict, rows: int) -> None:
+    flask = [sys.executable, "-m", "flask"]
+    for command in (["db", "upgrade"], ["seed", "--rows", str(rows)]):
+        done = subprocess.run([*flask, *command], cwd=ROOT, env=env, capture_output=True)
+        assert done.returncode == 0, done.stderr.decode(errors="replace")
 
 
 def csrf_from(html: str) -> str:
@@ -37,16 +78,22 @@ def require(service: str, reason: str) -> None:
 
 
 @pytest.fixture(scope="session")
-def instance(tmp_path_factory) -> Path:
-    """A migrated, seeded instance folder; INSTANCE_PATH points at it for the whole session."""
+def instance(tmp_path_factory):
+    """A migrated, seeded instance folder (and database); the environment points at both for
+    the whole session."""
     path = tmp_path_factory.mktemp("instance")
+    database = database_for(path)
     os.environ["INSTANCE_PATH"] = str(path)
-    env = {**os.environ, "INSTANCE_PATH": str(path), "FLASK_APP": "webapp"}
-    flask = [sys.executable, "-m", "flask"]
-    subprocess.run([*flask, "db", "upgrade"], cwd=ROOT, env=env, check=True, capture_output=True)
-    subprocess.run([*flask, "seed", "--rows", str(SEED_ROWS)], cwd=ROOT, env=env, check=True,
-                   capture_output=True)
-    return path
+    os.environ["DATABASE_URL"] = database
+    migrate_and_seed({**os.environ, "FLASK_APP": "webapp"}, SEED_ROWS)
+    yield path
+    if TEST_DATABASE_URL:
+        drop_database(TEST_DATABASE_URL, database)
+
+
+@pytest.fixture(scope="session")
+def database_url(instance) -> str:
+    return os.environ["DATABASE_URL"]
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +101,7 @@ def app(instance):
     from webapp import create_app
 
     app = create_app({"TESTING": True, "CHECKPOINT_INTERVAL": 0.0, "EXPORT_BATCH_ROWS": 500,
-                      "EXPORTS_QUEUED_PER_USER": 10_000})
+                      "EXPORTS_QUEUED_PER_USER": 10_000, "EXPORTS_RUNNING_PER_USER": 10_000})
     return app
 
 
@@ -91,6 +138,7 @@ class Stack:
 
     def __init__(self, instance: Path, port: int, env: dict):
         self.instance, self.port, self.env = instance, port, env
+        self.database_url = env["DATABASE_URL"]
         self.url = f"http://127.0.0.1:{port}"
         self.log = instance / "dev.log"
         self.proc: subprocess.Popen | None = None
@@ -125,12 +173,8 @@ def stack_factory(tmp_path):
         path = tmp_path / f"stack{len(stacks)}"
         path.mkdir()
         env = {**os.environ, "INSTANCE_PATH": str(path), "FLASK_APP": "webapp",
-               "PYTHONUNBUFFERED": "1", **extra_env}
-        flask = [sys.executable, "-m", "flask"]
-        subprocess.run([*flask, "db", "upgrade"], cwd=ROOT, env=env, check=True,
-                       capture_output=True)
-        subprocess.run([*flask, "seed", "--rows", str(rows)], cwd=ROOT, env=env, check=True,
-                       capture_output=True)
+               "PYTHONUNBUFFERED": "1", "DATABASE_URL": database_for(path), **extra_env}
+        migrate_and_seed(env, rows)
         stack = Stack(path, free_port(), env)
         stacks.append(stack)
         stack.start()
@@ -139,4 +183,6 @@ def stack_factory(tmp_path):
     yield make
     for stack in stacks:
         stack.stop()
+        if TEST_DATABASE_URL:
+            drop_database(TEST_DATABASE_URL, stack.database_url)
     shutil.rmtree(tmp_path, ignore_errors=True)

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import sqlite3
 from decimal import Decimal
-from pathlib import Path
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.pool import NullPool
 
 COLUMNS = {
     "transactions": ["id", "created_at", "amount", "currency", "status", "customer_email",
@@ -27,15 +28,24 @@ def _cell(column: str, value) -> str:
     return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
 
 
-def expected_rows(db_file: Path, dataset: str, org_slug: str, where: str = "",
+def expected_rows(database_url: str, dataset: str, org_slug: str, where: str = "",
                   args: tuple = ()) -> list[list[str]]:
-    """Header plus rows, as strings, ordered by id, for one organisation."""
+    """Header plus rows, as strings, ordered by id, for one organisation.
+
+    `where` uses ? placeholders for `args`; works on SQLite and PostgreSQL alike.
+    """
     columns = COLUMNS[dataset]
-    with sqlite3.connect(db_file) as conn:
-        org_id = conn.execute("select id from organisations where slug = ?",
-                              (org_slug,)).fetchone()[0]
+    parts = where.split("?")
+    assert len(parts) == len(args) + 1, "one argument per ?"
+    where = "".join(p + (f":a{i}" if i < len(args) else "") for i, p in enumerate(parts))
+    engine = create_engine(database_url, poolclass=NullPool)
+    with engine.connect() as conn:
+        org_id = conn.execute(text("select id from organisations where slug = :slug"),
+                              {"slug": org_slug}).scalar_one()
         rows = conn.execute(
-            f"select {', '.join(columns)} from {dataset} where org_id = ? {where} order by id",
-            (org_id, *args),
-        ).fetchall()
+            text(f"select {', '.join(columns)} from {dataset} where org_id = :org {where} "
+                 "order by id"),
+            {"org": org_id, **{f"a{i}": a for i, a in enumerate(args)}},
+        ).all()
+    engine.dispose()
     return [columns] + [[_cell(c, v) for c, v in zip(columns, row, strict=True)] for row in rows]

@@ -36,10 +36,3 @@ def exports_sleep(seconds: float, marker: str) -> None:
 def exports_ping(marker: str) -> None:
     _mark(marker, "ping")
 
-
-PERIODIC_MARKER = os.environ.get("PROBE_PERIODIC_MARKER", "/tmp/exportdesk-probe-periodic")
-
-
-@lanes.critical.periodic_task(lanes.crontab(minute="*"), name="probe_periodic")
-def probe_periodic() -> None:
-    _mark(PERIODIC_MARKER, "tick")

@@ -85,7 +85,7 @@ def test_click_export_watch_progress_download_matches_sql(stack_factory):
     assert re.fullmatch(r'attachment; filename=transactions-acme-\d{4}-\d\d-\d\d\.csv',
                         download.headers["Content-Disposition"])
     rows = list(csv.reader(io.StringIO(download.content.decode("utf-8"), newline="")))
-    want = expected_rows(stack.instance / "exportdesk.db", "transactions", "acme",
+    want = expected_rows(stack.database_url, "transactions", "acme",
                          "and created_at < ?", ("2026-11-01",))
     assert rows == want and len(want) > 20_000
 

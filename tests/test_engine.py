@@ -34,21 +34,21 @@ def run_job(app, email: str, dataset: str, params: dict) -> ExportJob:
 
 
 @pytest.mark.parametrize("dataset", ["transactions", "orders"])
-def test_export_matches_sql_for_the_users_org_only(app, instance, dataset):
+def test_export_matches_sql_for_the_users_org_only(app, instance, database_url, dataset):
     job = run_job(app, "bob@globex.test", dataset, {})
     assert job.state == "succeeded", job.error
     data = (instance / "exports" / job.file_name).read_bytes()
-    assert parse(data) == expected_rows(instance / "exportdesk.db", dataset, "globex")
+    assert parse(data) == expected_rows(database_url, dataset, "globex")
     assert job.rows_done == job.rows_total == len(parse(data)) - 1
     assert job.bytes == len(data)
     assert not list((instance / "exports").glob("*.part"))
 
 
-def test_filters_are_inclusive_dates_and_status(app, instance):
+def test_filters_are_inclusive_dates_and_status(app, instance, database_url):
     params = {"date_from": "2026-03-01", "date_to": "2026-03-31", "status": "refunded"}
     job = run_job(app, "alice@acme.test", "transactions", params)
     got = parse((instance / "exports" / job.file_name).read_bytes())
-    want = expected_rows(instance / "exportdesk.db", "transactions", "acme",
+    want = expected_rows(database_url, "transactions", "acme",
                          "and created_at >= ? and created_at < ? and status = ?",
                          ("2026-03-01", "2026-04-01", "refunded"))
     assert got == want and len(want) > 10

@@ -19,11 +19,12 @@ import pytest
 from conftest import ROOT, require
 from expected import expected_rows
 from huey.exceptions import HueyException
+from sqlalchemy import update
 
 from jobs import lanes, tasks
 from webapp.auth import find_user
 from webapp.exports import create_export
-from webapp.models import ExportJob, db
+from webapp.models import ExportJob, JobState, db
 
 pytestmark = pytest.mark.integration
 REDIS_URL = os.environ.get("REDIS_TEST_URL", "redis://127.0.0.1:6379/3")
@@ -42,7 +43,15 @@ def wait_for(predicate, timeout: float = 30, every: float = 0.05, what: str = "c
 
 @pytest.fixture(params=["sqlite", "redis"])
 def broker(request, app, instance):
-    """Both lanes on SQLite files or on the real Redis, emptied; restored afterwards."""
+    """Both lanes on SQLite files or on the real Redis, emptied; restored afterwards.
+
+    Jobs other tests left queued or running are cancelled, so that fair share sees only
+    this test's exports.
+    """
+    with app.app_context():
+        db.session.execute(update(ExportJob).where(ExportJob.state.in_(JobState.ACTIVE))
+                           .values(state=JobState.CANCELLED, lease_expires_at=None))
+        db.session.commit()
     url = ""
     if request.param == "redis":
         import redis
@@ -66,6 +75,7 @@ def broker(request, app, instance):
 def consumer(lane: str, broker_url: str, instance: Path, log: Path, **env: str):
     """`flask worker LANE` as a real process; SIGINT and a kill of its group at the end."""
     full_env = {**os.environ, "INSTANCE_PATH": str(instance), "FLASK_APP": "webapp",
+                "RECONCILE_INTERVAL": "3600",
                 "BROKER_URL": broker_url, "TASK_MODULES": "lane_probe",
                 "PYTHONPATH": str(TESTS), "PYTHONUNBUFFERED": "1", **env}
     proc = subprocess.Popen([sys.executable, "-m", "flask", "worker", lane], cwd=ROOT,
@@ -239,7 +249,7 @@ def test_sigterm_checkpoints_a_running_export_which_resumes_identically(
                         what="the resumed export")
     data = (instance / "exports" / done.file_name).read_bytes()
     rows = list(csv.reader(io.StringIO(data.decode(), newline="")))
-    assert rows == expected_rows(instance / "exportdesk.db", "transactions", "globex")
+    assert rows == expected_rows(os.environ["DATABASE_URL"], "transactions", "globex")
     with app.app_context():
         assert [a.outcome for a in db.session.get(ExportJob, job_id).attempts] == [
             "interrupted", "succeeded"]
@@ -257,17 +267,29 @@ def test_graceful_stop_lets_critical_tasks_finish_and_gives_back_the_rest(
         proc.wait(30)
     assert [m[0] for m in marks(short)] == ["start", "end"], "a short task finished"
     assert [m[0] for m in marks(long_)] == ["start"]
-    assert lanes.critical.pending_count() == 1, "the interrupted task is back on its lane"
+    back = [t for t in lanes.critical.pending() if t.name.endswith("critical_sleep")]
+    assert len(back) == 1 and back[0].args[0] == 60, "the interrupted task is back on its lane"
+
+
+PERIODIC_MARKER = {"path": ""}
+
+
+@lanes.critical.periodic_task(lanes.crontab(minute="*"), name="test_periodic_probe")
+def periodic_probe() -> None:
+    with open(PERIODIC_MARKER["path"], "a") as f:
+        f.write(f"tick {time.time()!r} {os.getpid()}\n")
 
 
 def _run_periodic(_: int) -> None:
-    lane_probe.probe_periodic.call_local()
+    periodic_probe.call_local()
 
 
-def test_periodic_task_runs_once_per_schedule_across_consumers(broker, tmp_path, monkeypatch):
-    marker = tmp_path / "periodic"
-    monkeypatch.setattr(lane_probe, "PERIODIC_MARKER", str(marker))
-    lanes.critical.storage.close() if hasattr(lanes.critical.storage, "close") else None
+def test_periodic_task_runs_once_per_schedule_across_consumers(broker, tmp_path):
+    """Every consumer's scheduler enqueues a periodic task; eight runs of the same schedule,
+    from four processes at once, do its work once."""
+    PERIODIC_MARKER["path"] = str(tmp_path / "periodic")
+    if hasattr(lanes.critical.storage, "close"):
+        lanes.critical.storage.close()  # forked processes open their own connections
     with multiprocessing.get_context("fork").Pool(4) as pool:
         pool.map(_run_periodic, range(8))
-    assert len(marks(marker)) == 1
+    assert len(marks(tmp_path / "periodic")) == 1

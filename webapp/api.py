@@ -6,10 +6,11 @@ from flask import Blueprint, jsonify, request, url_for
 from flask_login import current_user, login_required
 
 from jobs.datasets import InvalidParams
-from webapp.exports import TooManyExports, create_export, job_for
+from webapp.exports import IdempotencyConflict, TooManyExports, job_for, request_export
 from webapp.models import ExportJob, db
 
 bp = Blueprint("api", __name__, url_prefix="/api")
+MAX_KEY = 200
 
 
 def _time(value) -> str | None:
@@ -45,15 +46,21 @@ def create_export_job():
     body = request.get_json(silent=True)
     if not isinstance(body, dict):
         return jsonify(error="send a JSON object: {dataset, format, params}"), 400
+    key = request.headers.get("Idempotency-Key")
+    if key is not None and not (0 < len(key) <= MAX_KEY and key.isprintable()):
+        return jsonify(error=f"Idempotency-Key must be 1 to {MAX_KEY} printable characters"), 400
     try:
-        job = create_export(current_user, body.get("dataset"), body.get("format", "csv"),
-                            body.get("params"))
+        job, _new = request_export(current_user, body.get("dataset"), body.get("format", "csv"),
+                                   body.get("params"), key)
     except InvalidParams as exc:
         db.session.rollback()
         return jsonify(error="invalid request", fields=exc.errors), 400
     except TooManyExports as exc:
         db.session.rollback()
         return jsonify(error=str(exc)), 429
+    except IdempotencyConflict:
+        db.session.rollback()
+        return jsonify(error="this Idempotency-Key was already used for a different export"), 422
     db.session.commit()
     return jsonify(job_json(job)), 202, {"Location": url_for("api.get_job", job_id=job.id)}
 

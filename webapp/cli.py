@@ -40,7 +40,6 @@ def seed_command(rows: int, if_empty: bool) -> None:
 def worker_command(lane_name: str) -> None:
     """Run a consumer for one lane, with that lane's settings."""
     import importlib
-    import time
 
     from jobs import lanes, tasks
 
@@ -59,17 +58,8 @@ def worker_command(lane_name: str) -> None:
                 each.storage._conn = None  # nor its SQLite queue connection
 
     os.register_at_fork(after_in_child=after_fork)
-    on_tick = None
-    if lane is lanes.exports:
-        last = [0.0]
-
-        def on_tick() -> None:
-            if time.monotonic() - last[0] >= app.config["REAPER_INTERVAL"]:
-                last[0] = time.monotonic()
-                tasks.reap()
-
     click.echo(f"lane {lane_name}: {lane.settings} on {lane.storage.__class__.__name__}")
-    lane.consumer(on_tick=on_tick).run()
+    lane.consumer().run()
 
 
 @click.command("export")

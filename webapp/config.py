@@ -47,11 +47,14 @@ def load() -> dict:
         "EXPORT_DIR": os.environ.get("EXPORT_DIR") or str(instance / "exports"),
         "EXPORT_BATCH_ROWS": int(os.environ.get("EXPORT_BATCH_ROWS", 5000)),
         "CHECKPOINT_INTERVAL": _seconds("CHECKPOINT_INTERVAL", 0.5),
-        "LEASE_SECONDS": _seconds("LEASE_SECONDS", 30),
-        "REAPER_INTERVAL": _seconds("REAPER_INTERVAL", 5),
         "EXPORTS_RUNNING_PER_USER": int(os.environ.get("EXPORTS_RUNNING_PER_USER", 1)),
         "EXPORTS_QUEUED_PER_USER": int(os.environ.get("EXPORTS_QUEUED_PER_USER", 5)),
         "TASK_MODULES": [m for m in os.environ.get("TASK_MODULES", "").split(",") if m],
+        # A running job's claim lapses unless renewed (at every checkpoint) within JOB_LEASE.
+        "JOB_LEASE": _seconds("JOB_LEASE", 60),
+        # The reconciler sends a queued job the lane never got once it is this old.
+        "RECONCILE_GRACE": _seconds("RECONCILE_GRACE", 10),
+        "IDEMPOTENCY_TTL": timedelta(hours=24),
         "SMTP_URL": os.environ.get("SMTP_URL", ""),
         "DOWNLOAD_LINK_TTL": timedelta(seconds=_seconds("DOWNLOAD_LINK_TTL", 7 * 86400)),
         "EXPORT_RETENTION": timedelta(seconds=_seconds("EXPORT_RETENTION", 7 * 86400)),

@@ -6,6 +6,7 @@ from flask import (
     Blueprint,
     abort,
     current_app,
+    flash,
     redirect,
     render_template,
     request,
@@ -18,7 +19,7 @@ from sqlalchemy import func, select
 from jobs import dispatch
 from jobs.datasets import DATASETS, FORMATS, InvalidParams
 from jobs.engine import storage
-from webapp.models import ExportJob, JobState, User, db
+from webapp.models import ExportJob, JobState, User, db, locked, utcnow
 
 bp = Blueprint("exports", __name__)
 
@@ -27,8 +28,26 @@ class TooManyExports(Exception):
     """The user already has their share of exports waiting (fair share in the exports lane)."""
 
 
-def create_export(user: User, dataset_name: object, fmt: object, params: object) -> ExportJob:
+class IdempotencyConflict(Exception):
+    """The Idempotency-Key was already used by this user for a different request."""
+
+
+def create_export(user: User, dataset_name: object, fmt: object, params: object,
+                  idempotency_key: str | None = None) -> ExportJob:
     """Validate a request and record the job; it reaches its lane when the caller commits."""
+    return request_export(user, dataset_name, fmt, params, idempotency_key)[0]
+
+
+def request_export(user: User, dataset_name: object, fmt: object, params: object,
+                   idempotency_key: str | None = None) -> tuple[ExportJob, bool]:
+    """The job for this request and whether it is new.
+
+    A repeated request returns the existing job instead of a second one: the same
+    Idempotency-Key from the same user within IDEMPOTENCY_TTL, or the same dataset, format
+    and parameters while such a job of the user's is still queued, running or retrying (a
+    double click). Checked under a lock on the user's row, so two concurrent requests cannot
+    both create a job.
+    """
     dataset = DATASETS.get(dataset_name) if isinstance(dataset_name, str) else None
     if dataset is None:
         raise InvalidParams({"dataset": f"Unknown dataset; choose one of {', '.join(DATASETS)}"})
@@ -44,6 +63,28 @@ def create_export(user: User, dataset_name: object, fmt: object, params: object)
         errors.update(exc.errors)
     if errors:
         raise InvalidParams(errors)
+
+    locked(User, user.id)
+    same_request = (ExportJob.user_id == user.id, ExportJob.dataset == dataset.name,
+                    ExportJob.format == fmt)
+    if idempotency_key is not None:
+        since = utcnow() - current_app.config["IDEMPOTENCY_TTL"]
+        earlier = db.session.scalars(
+            select(ExportJob).where(ExportJob.user_id == user.id,
+                                    ExportJob.idempotency_key == idempotency_key,
+                                    ExportJob.created_at >= since)
+            .order_by(ExportJob.id.desc())
+        ).first()
+        if earlier is not None:
+            if (earlier.dataset, earlier.format, earlier.params) != (dataset.name, fmt, cleaned):
+                raise IdempotencyConflict(idempotency_key)
+            return earlier, False
+    for active in db.session.scalars(
+        select(ExportJob).where(*same_request, ExportJob.state.in_(JobState.ACTIVE))
+        .order_by(ExportJob.id)
+    ):
+        if active.params == cleaned:
+            return active, False
     limit = current_app.config["EXPORTS_QUEUED_PER_USER"]
     waiting = db.session.scalar(
         select(func.count()).select_from(ExportJob).where(
@@ -55,6 +96,7 @@ def create_export(user: User, dataset_name: object, fmt: object, params: object)
             f"You already have {waiting} exports waiting to start (the limit is {limit}). "
             "Please wait for one to start or cancel one, then try again."
         )
+
     job = ExportJob(
         user=user,
         org_id=user.org_id,  # tenancy comes from the server, never from the request
@@ -63,11 +105,12 @@ def create_export(user: User, dataset_name: object, fmt: object, params: object)
         format=fmt,
         lane="exports",
         state=JobState.QUEUED,
+        idempotency_key=idempotency_key,
     )
     db.session.add(job)
     db.session.flush()
     dispatch.submit(job)
-    return job
+    return job, True
 
 
 def job_for(user: User, job_id: int) -> ExportJob:
@@ -92,7 +135,7 @@ def create():
     name = form.get("dataset")
     params = {k: v for k, v in form.items() if k not in ("dataset", "format", "csrf_token")}
     try:
-        job = create_export(current_user, name, form.get("format", "csv"), params)
+        job, new = request_export(current_user, name, form.get("format", "csv"), params)
     except InvalidParams as exc:
         db.session.rollback()
         return render_template("exports/new.html", datasets=DATASETS.values(), formats=FORMATS,
@@ -102,6 +145,8 @@ def create():
         return render_template("exports/new.html", datasets=DATASETS.values(), formats=FORMATS,
                                errors={"dataset": str(exc)}, chosen=name, values=form), 429
     db.session.commit()
+    if not new:
+        flash("You already asked for this export; here it is.", "info")
     return redirect(url_for("exports.show", job_id=job.id), code=303)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import TypeVar
 
 from flask_login import UserMixin
 from flask_sqlalchemy import SQLAlchemy
@@ -20,9 +21,28 @@ class Base(DeclarativeBase):
 db = SQLAlchemy(model_class=Base)
 
 
+T = TypeVar("T")
+
+
 def utcnow() -> datetime:
     """Naive UTC, the one time zone every database here stores."""
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+def locked(model: type[T], ident: int) -> T | None:
+    """The row, re-read under a write lock held until the session's transaction ends.
+
+    PostgreSQL locks the row (SELECT ... FOR UPDATE). SQLite has no row locks: the transaction
+    takes the database's write lock up front (BEGIN IMMEDIATE), which serialises writers the
+    same way. Call it before any other write in the transaction.
+    """
+    session = db.session
+    if session.get_bind().dialect.name == "sqlite":
+        raw = session.connection().connection.dbapi_connection
+        if not raw.in_transaction:  # after a write, this transaction already holds the lock
+            session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+        return session.get(model, ident, populate_existing=True)
+    return session.get(model, ident, populate_existing=True, with_for_update=True)
 
 
 class JobState:
@@ -84,6 +104,8 @@ class ExportJob(db.Model):
     """The source of truth for an export: the queue message only carries this row's id."""
 
     __tablename__ = "export_jobs"
+    __table_args__ = (Index("ix_export_jobs_user_id_idempotency_key", "user_id",
+                            "idempotency_key"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     org_id: Mapped[int] = mapped_column(ForeignKey("organisations.id"))
@@ -101,8 +123,13 @@ class ExportJob(db.Model):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(default=None)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
-    # While running: the worker's claim, renewed by its heartbeat; a lapsed lease means it died.
-    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
+    # Delivery bookkeeping (docs/guarantees.md): when the lane last accepted a message for this
+    # job (NULL: the reconciler must send it), who holds the running claim and until when, and
+    # the client's Idempotency-Key.
+    enqueued_at: Mapped[datetime | None] = mapped_column(default=None)
+    claimed_by: Mapped[str | None] = mapped_column(String(160), default=None)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), default=None)
     user: Mapped[User] = relationship()
     organisation: Mapped[Organisation] = relationship()
     attempts: Mapped[list[JobAttempt]] = relationship(
