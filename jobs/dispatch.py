@@ -1,4 +1,4 @@
-"""The web app's only door into the lanes: submit after commit (later: cancel, retry, health)."""
+"""The web app's only door into the lanes: submit jobs and send emails after commit."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Callable
 from sqlalchemy import event
 from sqlalchemy.orm import Session
 
-from webapp.models import ExportJob, db
+from webapp.models import ExportJob, OutboundEmail, db
 
 log = logging.getLogger(__name__)
 _PENDING = "exportdesk.after_commit"
@@ -39,3 +39,11 @@ def submit(job: ExportJob) -> None:
 
     job_id = job.id
     on_commit(db.session(), lambda: run_export(job_id))
+
+
+def send_email_after_commit(email: OutboundEmail) -> None:
+    """Hand the (flushed) email to the critical lane once the transaction recording it commits."""
+    from jobs.tasks import send_email
+
+    email_id = email.id
+    on_commit(db.session(), lambda: send_email(email_id))

@@ -17,6 +17,7 @@ from sqlalchemy import Connection
 
 from jobs.datasets import DATASETS, Dataset, InvalidParams
 from jobs.storage import LocalStorage
+from webapp import emails
 from webapp.models import ExportJob, JobAttempt, JobState, db, utcnow
 
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
@@ -199,9 +200,11 @@ def run(job_id: int, max_attempts: int) -> None:
         if not retry:
             job.finished_at = utcnow()
             files.discard_part(job.id, job.format)
+            emails.export_finished(job)
         attempt.finished_at = utcnow()
         db.session.commit()
         raise AttemptFailed(job.error, retry) from exc
     attempt.finished_at = utcnow()
     job.finished_at = job.finished_at or attempt.finished_at
+    emails.export_finished(job)
     db.session.commit()
