@@ -37,6 +37,11 @@ class Mailbox:
             self._changed.notify_all()
         return "250 Message accepted"
 
+    def clear(self) -> None:
+        with self._changed:
+            self.messages.clear()
+            self.envelopes.clear()
+
     def wait_for(self, match=lambda m: True, timeout: float = 60) -> EmailMessage:
         deadline = time.monotonic() + timeout
         with self._changed:
