@@ -309,3 +309,24 @@ def test_tls_and_authentication(app, tmp_path, monkeypatch, scheme):
             wrong.stop()
     finally:
         server.stop()
+
+
+def test_housekeeping_resends_emails_whose_hand_over_was_lost(app, sending, tmp_path,
+                                                               monkeypatch):
+    from jobs import tasks
+
+    monkeypatch.setitem(app.config, "EXPORT_DIR", str(tmp_path))
+    with app.app_context():
+        lost = OutboundEmail(key="test:lost", kind="test", to_address="alice@acme.test",
+                             subject="Lost in hand-over", text_body="hello", html_body="<p>hi",
+                             message_id="<lost@exportdesk.test>")
+        db.session.add(lost)
+        db.session.flush()
+        lost.created_at -= timedelta(minutes=10)
+        db.session.commit()  # no after-commit hand-over: as if the broker had been down
+        lost_id = lost.id
+    with app.app_context():  # the task runs with the test's settings
+        tasks.housekeeping.call_local()
+    assert sending.wait_for(lambda m: m["Subject"] == "Lost in hand-over")
+    with app.app_context():
+        assert db.session.get(OutboundEmail, lost_id).state == EmailState.SENT
