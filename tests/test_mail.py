@@ -177,6 +177,7 @@ def test_file_removed_by_retention_is_410_with_a_way_to_run_it_again(app, client
     assert response.status_code == 410
     assert "removed" in response.get_data(as_text=True)
     assert "Log in to run it again" in response.get_data(as_text=True)
+    assert f'/login?next={path}"' in response.get_data(as_text=True)
 
     login(client, "alice@acme.test")
     page = client.get(path).get_data(as_text=True)

@@ -160,7 +160,10 @@ OUTBOX_NAME = re.compile(r"[\w-]+\.eml")
 def _outbox_open() -> None:
     """The outbox holds live reset links: development only, no SMTP configured, local callers."""
     config = current_app.config
-    local = ip_address(request.remote_addr or "0.0.0.0").is_loopback
+    try:
+        local = ip_address(request.remote_addr or "").is_loopback
+    except ValueError:
+        local = False
     if config["PRODUCTION"] or config["SMTP_URL"] or not local:
         abort(404)
 
