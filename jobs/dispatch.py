@@ -1,4 +1,4 @@
-"""The web app's only door into the lanes: submit after commit, and reconcile what never arrived."""
+"""The web app's only door into the lanes: jobs and emails sent after commit, reconciled."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from datetime import timedelta
 from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
 
-from webapp.models import ExportJob, JobState, db, utcnow
+from webapp.models import ExportJob, JobState, OutboundEmail, db, utcnow
 
 log = logging.getLogger(__name__)
 _PENDING = "exportdesk.after_commit"
@@ -95,3 +95,11 @@ def reconcile(grace: float) -> list[int]:
     if sent:
         log.info("reconciler sent %d job(s) that never reached their lane: %s", len(sent), sent)
     return sent
+
+
+def send_email_after_commit(email: OutboundEmail) -> None:
+    """Hand the (flushed) email to the critical lane once the transaction recording it commits."""
+    from jobs.tasks import send_email
+
+    email_id = email.id
+    on_commit(db.session(), lambda: send_email(email_id))

@@ -23,6 +23,7 @@ from sqlalchemy import exc as sa_exc
 from jobs import lanes
 from jobs.datasets import DATASETS, Dataset, InvalidParams
 from jobs.storage import LocalStorage
+from webapp import emails
 from webapp.models import ExportJob, JobAttempt, JobState, User, db, locked, utcnow
 
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
@@ -287,6 +288,14 @@ def _disarm_hard_timeout() -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
+def _reset_session() -> None:
+    """Roll back, also when an alarm interrupted the session half-way through a commit."""
+    try:
+        db.session.rollback()
+    except Exception:
+        db.session.close()
+
+
 def _caused_by(exc: BaseException | None, kind: type) -> BaseException | None:
     """The `kind` exception behind exc, also when a driver wrapped it (SQLAlchemy does)."""
     while exc is not None:
@@ -339,11 +348,14 @@ def run(job_id: int, max_attempts: int) -> None:
                 stream(conn, dataset, job.org_id, params, out, start, on_checkpoint,
                        current_app.config["EXPORT_BATCH_ROWS"],
                        current_app.config["CHECKPOINT_INTERVAL"])
+        _disarm_hard_timeout()  # the rest is short and must not be cut in half
         # Marked succeeded and published in one transaction that holds the claim's row lock.
         _save(job.id, claim, commit=False, state=JobState.SUCCEEDED,
               file_name=f"job-{int(job.id)}.{job.format}", finished_at=utcnow(),
               lease_expires_at=None)
         files.publish(job.id, job.format)
+        db.session.refresh(job)
+        emails.export_finished(job)  # saved in the same commit as the job's end
         attempt.outcome = "succeeded"
     except Cancelled:
         db.session.rollback()
@@ -355,7 +367,7 @@ def run(job_id: int, max_attempts: int) -> None:
         attempt.error = "another worker took the job over after this one's lease lapsed"
     except (Interrupted, KeyboardInterrupt):  # KeyboardInterrupt: Huey's forced shutdown
         _disarm_hard_timeout()
-        db.session.rollback()
+        _reset_session()
         try:
             _save(job.id, claim, commit=False, state=JobState.QUEUED, claimed_by=None,
                   lease_expires_at=None, enqueued_at=None)
@@ -366,7 +378,7 @@ def run(job_id: int, max_attempts: int) -> None:
         raise Interrupted from None
     except Exception as exc:
         _disarm_hard_timeout()
-        db.session.rollback()
+        _reset_session()
         timed_out = _caused_by(exc, TaskTimeout)
         error = reason(timed_out or exc)
         retry = not is_permanent(exc) and attempt.number < max_attempts
@@ -380,6 +392,9 @@ def run(job_id: int, max_attempts: int) -> None:
             retry, owned = False, isinstance(outcome, Cancelled)
         attempt.outcome = "timed_out" if timed_out else "failed"
         attempt.error, attempt.finished_at = error, utcnow()
+        if owned and not retry:
+            db.session.refresh(job)
+            emails.export_finished(job)
         db.session.commit()
         if owned and not retry:
             files.discard_part(job.id, job.format)

@@ -277,8 +277,8 @@ class LaneConsumer(Consumer):
         _stop_flag = self.stop_flag  # forked workers inherit it: see `stopping()`
 
     def start(self) -> None:
-        super().start()
-        self.lane.heartbeat(self.workers)
+        self.lane.heartbeat(self.workers)  # before any worker runs a task (Huey then closes
+        super().start()  # the storage connection, so the forked workers open their own)
 
     def check_worker_health(self) -> bool:
         healthy = super().check_worker_health()

@@ -50,3 +50,20 @@ class LocalStorage:
 
     def delete(self, name: str) -> None:
         self._final(name).unlink(missing_ok=True)
+
+    def entries(self) -> list[tuple[str, int, float]]:
+        """Every file in the folder as (name, size, modified time): for retention and disk use."""
+        if not self.root.is_dir():
+            return []
+        found = []
+        for path in self.root.iterdir():
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # removed while we looked
+                continue
+            if path.is_file():
+                found.append((path.name, stat.st_size, stat.st_mtime))
+        return found
+
+    def used_bytes(self) -> int:
+        return sum(size for _name, size, _mtime in self.entries())

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
+from datetime import timedelta
 
 from flask import Flask, current_app, has_app_context
+from huey import crontab
 
-from jobs import dispatch, engine, lanes
+from jobs import dispatch, engine, lanes, mail, retention
 
 log = logging.getLogger(__name__)
 _app: Flask | None = None
@@ -74,4 +76,32 @@ def reconcile() -> None:
         dispatch.reconcile(ctx.app.config["RECONCILE_GRACE"])
 
 
-TASKS = {"export": (run_export, lanes.exports), "reconcile": (reconcile, RECONCILE_LANE)}
+EMAIL_ATTEMPTS = lanes.critical.settings.retries + 1
+
+
+@lanes.critical.task(name="send_email", timeout=lanes.critical.settings.timeout,
+                     retries=lanes.critical.settings.retries,
+                     retry_delay=lanes.critical.settings.retry_delay)
+def send_email(email_id: int) -> None:
+    """Send one recorded email once; a failed attempt raises, so the lane retries it later."""
+    with _task_app().app_context():
+        mail.deliver(email_id, EMAIL_ATTEMPTS)
+
+
+@lanes.critical.periodic_task(crontab(minute="*/10"), name="housekeeping",
+                              timeout=lanes.critical.settings.timeout)
+def housekeeping() -> None:
+    """Every 10 minutes: retention, and emails whose hand-over to this lane was lost.
+    On the critical lane because the disk fills fastest exactly when exports are busy."""
+    with _task_app().app_context():
+        retention.sweep()
+        for email_id in mail.stalled(older_than=timedelta(minutes=5)):
+            send_email(email_id)
+
+
+TASKS = {
+    "export": (run_export, lanes.exports),
+    "reconcile": (reconcile, RECONCILE_LANE),
+    "send_email": (send_email, lanes.critical),
+    "housekeeping": (housekeeping, lanes.critical),
+}

@@ -56,11 +56,12 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     lanes.configure(app.config["BROKER_URL"], Path(app.instance_path))
 
-    from webapp import api, auth, cli, exports
+    from webapp import api, auth, cli, exports, links
 
     app.register_blueprint(auth.bp)
     app.register_blueprint(exports.bp)
     app.register_blueprint(api.bp)
+    app.register_blueprint(links.bp)
     cli.init_app(app)
     _register_error_pages(app)
     return app

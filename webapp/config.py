@@ -33,6 +33,11 @@ def _seconds(name: str, default: float) -> float:
     return float(os.environ.get(name, default))
 
 
+def _flag(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    return default if raw is None else raw.strip().lower() in ("1", "true", "yes", "on")
+
+
 def load() -> dict:
     """The app's configuration, read from the environment at start-up."""
     instance = instance_path()
@@ -56,7 +61,12 @@ def load() -> dict:
         "RECONCILE_GRACE": _seconds("RECONCILE_GRACE", 10),
         "IDEMPOTENCY_TTL": timedelta(hours=24),
         "SMTP_URL": os.environ.get("SMTP_URL", ""),
+        "MAIL_FROM": os.environ.get("MAIL_FROM", "exportdesk <exportdesk@localhost>"),
+        "BASE_URL": os.environ.get("BASE_URL", "http://127.0.0.1:5000").rstrip("/"),
         "DOWNLOAD_LINK_TTL": timedelta(seconds=_seconds("DOWNLOAD_LINK_TTL", 7 * 86400)),
+        "DOWNLOAD_LINK_LOGIN": _flag("DOWNLOAD_LINK_LOGIN", False),
+        "EXPORT_FAILURE_EMAIL": _flag("EXPORT_FAILURE_EMAIL", True),
+        "PASSWORD_RESET_TTL": timedelta(seconds=_seconds("PASSWORD_RESET_TTL", 3600)),
         "EXPORT_RETENTION": timedelta(seconds=_seconds("EXPORT_RETENTION", 7 * 86400)),
         "SESSION_COOKIE_HTTPONLY": True,
         "SESSION_COOKIE_SAMESITE": "Lax",

@@ -169,6 +169,38 @@ class JobAttempt(db.Model):
     job: Mapped[ExportJob] = relationship(back_populates="attempts")
 
 
+class EmailState:
+    QUEUED = "queued"
+    SENDING = "sending"
+    RETRYING = "retrying"
+    SENT = "sent"
+    FAILED = "failed"
+
+    CLAIMABLE = (QUEUED, RETRYING)
+
+
+class OutboundEmail(db.Model):
+    """An email to send, recorded before it is sent: the unique key makes sending idempotent."""
+
+    __tablename__ = "outbound_emails"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(40))
+    to_address: Mapped[str] = mapped_column(String(254))
+    subject: Mapped[str] = mapped_column(String(255))
+    text_body: Mapped[str] = mapped_column(Text)
+    html_body: Mapped[str] = mapped_column(Text)
+    message_id: Mapped[str] = mapped_column(String(255))
+    state: Mapped[str] = mapped_column(String(20), default=EmailState.QUEUED, index=True)
+    attempts: Mapped[int] = mapped_column(default=0)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("export_jobs.id", ondelete="SET NULL"), index=True, default=None
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
 class Transaction(db.Model):
     """Demo table behind the `transactions` dataset."""
 

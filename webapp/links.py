@@ -1,0 +1,193 @@
+"""Pages behind the links we email: signed downloads, password resets, and the dev outbox."""
+
+from __future__ import annotations
+
+import re
+from email import policy
+from email.parser import BytesParser
+from ipaddress import ip_address
+
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    redirect,
+    render_template,
+    request,
+    send_file,
+    url_for,
+)
+from flask_login import current_user
+from flask_wtf import FlaskForm
+from sqlalchemy.exc import IntegrityError
+from wtforms import EmailField, PasswordField
+from wtforms.validators import DataRequired, EqualTo, Length
+
+from jobs.engine import storage
+from jobs.mail import outbox
+from webapp import emails
+from webapp.auth import find_user
+from webapp.models import ExportJob, JobState, db
+from webapp.tokens import (
+    DownloadGrant,
+    ExpiredToken,
+    InvalidToken,
+    read_download_token,
+    user_for_reset_token,
+)
+
+bp = Blueprint("links", __name__)
+TAMPERED = "This download link is not valid: it may have been cut short or changed."
+
+
+@bp.after_request
+def no_referrer(response):
+    """These URLs carry tokens: keep them out of Referer headers and shared caches."""
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _granted_job(token: str) -> tuple[DownloadGrant, ExportJob]:
+    """The job a genuine link names, still owned by the user it was issued to; 403 otherwise."""
+    try:
+        grant = read_download_token(token)
+    except InvalidToken:
+        abort(403, TAMPERED)
+    job = db.session.get(ExportJob, grant.job_id)
+    if job is None or job.user_id != grant.user_id:
+        abort(403, TAMPERED)
+    return grant, job
+
+
+def _file_gone(job: ExportJob) -> bool:
+    return job.state == JobState.EXPIRED or not job.file_name or not storage().exists(
+        job.file_name)
+
+
+@bp.get("/d/<token>")
+def download(token: str):
+    grant, job = _granted_job(token)
+    if current_app.config["DOWNLOAD_LINK_LOGIN"]:
+        if not current_user.is_authenticated:
+            return redirect(url_for("auth.login", next=request.path))
+        if current_user.id != job.user_id and not current_user.is_admin:
+            abort(403, "This link belongs to another account.")
+    if job.state not in (JobState.SUCCEEDED, JobState.EXPIRED):
+        abort(404, "This export has no file to download.")
+    if _file_gone(job):
+        return _removed(job, token)
+    if grant.expired:
+        return render_template("links/expired.html", job=job, token=token), 410
+    current_app.logger.info("job %s downloaded by emailed link", job.id)
+    return send_file(storage().open(job.file_name), mimetype="text/csv; charset=utf-8",
+                     as_attachment=True, download_name=job.download_name(), max_age=0)
+
+
+def _removed(job: ExportJob, token: str):
+    owner = current_user.is_authenticated and current_user.id == job.user_id
+    days = current_app.config["EXPORT_RETENTION"].days
+    return render_template("links/removed.html", job=job, token=token, owner=owner,
+                           days=days), 410
+
+
+@bp.post("/d/<token>/renew")
+def renew(token: str):
+    """Email a fresh link to the job's owner (never to the caller), once per expired link."""
+    grant, job = _granted_job(token)
+    if not grant.expired:
+        return redirect(url_for("links.download", token=token), code=303)
+    if job.state != JobState.SUCCEEDED or _file_gone(job):
+        return _removed(job, token)
+    emails.fresh_download_link(job, grant)
+    db.session.commit()
+    return render_template("links/renewed.html", job=job)
+
+
+class ResetRequestForm(FlaskForm):
+    email = EmailField("Email", validators=[DataRequired(), Length(max=254)])
+
+
+class NewPasswordForm(FlaskForm):
+    password = PasswordField("New password", validators=[
+        DataRequired(), Length(min=8, max=200, message="must be 8 to 200 characters")])
+    confirm = PasswordField("Repeat it", validators=[
+        DataRequired(), EqualTo("password", message="must match the new password")])
+
+
+@bp.route("/password-reset", methods=["GET", "POST"])
+def password_reset_request():
+    """The same answer whether or not the address has an account: it must not tell which."""
+    form = ResetRequestForm()
+    if request.method == "GET":
+        return render_template("password_reset/request.html", form=form)
+    if not form.validate():
+        return render_template("password_reset/request.html", form=form), 400
+    user = find_user(form.email.data)
+    if user is not None:
+        try:
+            emails.password_reset(user)
+            db.session.commit()
+        except IntegrityError:  # a second request in the same minute: one email is enough
+            db.session.rollback()
+    return render_template("password_reset/sent.html")
+
+
+@bp.route("/password-reset/<token>", methods=["GET", "POST"])
+def password_reset(token: str):
+    try:
+        user = user_for_reset_token(token)
+    except ExpiredToken:
+        return render_template("password_reset/invalid.html", expired=True), 410
+    except InvalidToken:
+        return render_template("password_reset/invalid.html", expired=False), 400
+    form = NewPasswordForm()
+    if request.method == "POST":
+        if form.validate():
+            user.set_password(form.password.data)
+            db.session.commit()  # the token carried the old password's fingerprint: now void
+            current_app.logger.info("user %s reset their password", user.id)
+            flash("Your password was changed. Log in with the new one.", "info")
+            return redirect(url_for("auth.login"), code=303)
+        return render_template("password_reset/form.html", form=form), 400
+    return render_template("password_reset/form.html", form=form)
+
+
+OUTBOX_NAME = re.compile(r"[\w-]+\.eml")
+
+
+def _outbox_open() -> None:
+    """The outbox holds live reset links: development only, no SMTP configured, local callers."""
+    config = current_app.config
+    try:
+        local = ip_address(request.remote_addr or "").is_loopback
+    except ValueError:
+        local = False
+    if config["PRODUCTION"] or config["SMTP_URL"] or not local:
+        abort(404)
+
+
+def _read(name: str):
+    with open(outbox() / name, "rb") as fh:
+        return BytesParser(policy=policy.default).parse(fh)
+
+
+@bp.get("/dev/outbox")
+def dev_outbox():
+    _outbox_open()
+    folder = outbox()
+    names = sorted((p.name for p in folder.glob("*.eml")), reverse=True) if folder.is_dir() else []
+    messages = [(name, _read(name)) for name in names[:200]]
+    return render_template("dev/outbox.html", messages=messages)
+
+
+@bp.get("/dev/outbox/<name>")
+def dev_outbox_message(name: str):
+    _outbox_open()
+    if not OUTBOX_NAME.fullmatch(name) or not (outbox() / name).is_file():
+        abort(404)
+    message = _read(name)
+    text = message.get_body(preferencelist=("plain",))
+    return render_template("dev/message.html", name=name, message=message,
+                           text=text.get_content() if text else "")
