@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import BinaryIO
 
 from flask import current_app
-from sqlalchemy import Connection
+from sqlalchemy import Connection, update
 
 from jobs.datasets import DATASETS, Dataset, InvalidParams
 from jobs.storage import LocalStorage
@@ -136,14 +136,26 @@ class AttemptFailed(Exception):
         self.retry = retry
 
 
+CLAIMABLE = (JobState.QUEUED, JobState.RETRYING)
+
+
 def _begin_attempt(job_id: int) -> tuple[ExportJob, JobAttempt] | None:
-    """Claim the job for this worker; None when it is no longer runnable (finished, cancelled)."""
-    job = db.session.get(ExportJob, job_id)
-    if job is None or job.state not in JobState.ACTIVE:
+    """Claim the job for this worker; None when it is not waiting to run (finished, cancelled,
+    or already claimed through another message for the same job, e.g. after cancel and retry).
+
+    The claim is one conditional UPDATE, so a cancel committed a moment ago is never overwritten.
+    """
+    claimed = db.session.execute(
+        update(ExportJob)
+        .where(ExportJob.id == job_id, ExportJob.state.in_(CLAIMABLE))
+        .values(state=JobState.RUNNING)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    if not claimed:
         db.session.rollback()
         return None
+    job = db.session.get(ExportJob, job_id, populate_existing=True)
     attempt = JobAttempt(job=job, number=len(job.attempts) + 1, worker=worker_name())
-    job.state = JobState.RUNNING
     job.started_at = job.started_at or utcnow()
     job.error = None
     db.session.add(attempt)
@@ -196,9 +208,8 @@ def run(job_id: int, max_attempts: int) -> None:
         attempt.outcome = "failed"
         attempt.error = job.error = f"{type(exc).__name__}: {exc}"
         job.state = JobState.RETRYING if retry else JobState.FAILED
-        if not retry:
+        if not retry:  # the part file stays, so a retry by hand resumes from the checkpoint
             job.finished_at = utcnow()
-            files.discard_part(job.id, job.format)
         attempt.finished_at = utcnow()
         db.session.commit()
         raise AttemptFailed(job.error, retry) from exc
