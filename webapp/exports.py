@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -102,15 +103,10 @@ def duration(seconds: float | None) -> str:
     return f"{total // 3600} h {total % 3600 // 60:02d} min"
 
 
-def _fragment(template: str, status: int = 200, **context) -> Response:
-    """An htmx fragment; Vary keeps browsers from showing it in place of the full page."""
+def _render(template: str, status: int = 200, **context) -> Response:
+    """A page or an htmx fragment of the same URL; Vary keeps a browser from showing a cached
+    fragment in place of the full page."""
     response = make_response(render_template(template, **context), status)
-    response.vary.add("HX-Request")
-    return response
-
-
-def _page(template: str, **context) -> Response:
-    response = make_response(render_template(template, **context))
     response.vary.add("HX-Request")
     return response
 
@@ -170,14 +166,14 @@ def check():
         dataset.clean_params(_form_params())
     except InvalidParams as exc:
         errors.update(exc.errors)
-    return _fragment("exports/_errors.html", dataset=dataset, errors=errors)
+    return _render("exports/_errors.html", dataset=dataset, errors=errors)
 
 
 @bp.get("/exports")
 @login_required
 def index():
     template = "exports/_list.html" if _is_htmx() else "exports/index.html"
-    return _page(template, jobs=_my_jobs())
+    return _render(template, jobs=_my_jobs())
 
 
 @bp.get("/exports/<int:job_id>")
@@ -185,8 +181,8 @@ def index():
 def show(job_id: int):
     job = job_for(current_user, job_id)
     if _is_htmx():
-        return _fragment("exports/_progress.html", job=job, oob=True)
-    return _page("exports/show.html", job=job)
+        return _render("exports/_progress.html", job=job, oob=True)
+    return _render("exports/show.html", job=job)
 
 
 def _after_action(job: ExportJob, notice: str | None = None, status: int = 200):
@@ -194,10 +190,8 @@ def _after_action(job: ExportJob, notice: str | None = None, status: int = 200):
     view = request.form.get("view")
     if _is_htmx():
         if view == "list":
-            return _fragment("exports/_list.html", status, jobs=_my_jobs(),
-                             notice=notice)
-        return _fragment("exports/_progress.html", status, job=job, oob=True,
-                         notice=notice)
+            return _render("exports/_list.html", status, jobs=_my_jobs(), notice=notice)
+        return _render("exports/_progress.html", status, job=job, oob=True, notice=notice)
     if notice:
         return render_template("error.html", status=status, message=notice), status
     if view == "list":
@@ -217,28 +211,25 @@ def confirm_cancel(job_id: int):
 @bp.post("/exports/<int:job_id>/cancel")
 @login_required
 def cancel(job_id: int):
-    job = job_for(current_user, job_id)
-    try:
-        dispatch.cancel(job)
-    except dispatch.WrongState as exc:
-        db.session.rollback()
-        return _after_action(job, str(exc), 409)
-    db.session.commit()
-    current_app.logger.info("job %s cancelled by user %s", job.id, current_user.id)
-    return _after_action(job)
+    return _change(job_id, dispatch.cancel)
 
 
 @bp.post("/exports/<int:job_id>/retry")
 @login_required
 def retry(job_id: int):
+    return _change(job_id, dispatch.retry)
+
+
+def _change(job_id: int, change: Callable[[ExportJob], None]):
+    """Cancel or retry for the owner or an admin; 409 with the reason when the state forbids."""
     job = job_for(current_user, job_id)
     try:
-        dispatch.retry(job)
+        change(job)
     except dispatch.WrongState as exc:
         db.session.rollback()
         return _after_action(job, str(exc), 409)
     db.session.commit()
-    current_app.logger.info("job %s retried by user %s", job.id, current_user.id)
+    current_app.logger.info("job %s: %s by user %s", job.id, change.__name__, current_user.id)
     return _after_action(job)
 
 
