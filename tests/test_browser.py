@@ -141,6 +141,7 @@ def test_live_progress_then_download_link_without_reload(browser, stack_factory,
     page.locator(".stats .rows").filter(has_text=re.compile(r"[1-9]")).wait_for()
     assert page.inner_text(".stats .elapsed") != "–"
     page.locator(".stats .eta").filter(has_text=re.compile(r"\d")).wait_for()
+    assert re.match(r"\d+% · Export #", page.title()), page.title()
     snap(page, shots / "job-running.png")
 
     link = page.locator("a.download")
@@ -150,6 +151,7 @@ def test_live_progress_then_download_link_without_reload(browser, stack_factory,
     assert len(seen) >= 2, f"progress showed only {seen}"
     assert not page.locator("[role=progressbar]").count()
     assert page.inner_text("#job-status") == "Export ready"
+    assert page.title() == f"Ready · Export #{job_id} · exportdesk"
     assert page.evaluate(
         f"() => !document.querySelector('#job-{job_id}')"
         ".contains(document.querySelector('#job-status'))"), "live region must not be swapped"

@@ -197,6 +197,7 @@ def test_progress_shows_rows_elapsed_and_eta(app, alice):
     assert '<div id="job-status" role="status" aria-live="polite"' in page
     fragment = alice.get(f"/exports/{job_id}", headers=HX).get_data(as_text=True)
     assert "<html" not in fragment and 'hx-swap-oob="innerHTML"></div>' in fragment
+    assert f"<title>25% · Export #{job_id} · exportdesk</title>" in fragment
     with app.app_context():
         job = db.session.get(ExportJob, job_id)
         t = timing(job, now=started + timedelta(seconds=30))

@@ -90,6 +90,16 @@ def timing(job: ExportJob, now: datetime | None = None) -> Timing:
     return Timing(elapsed, eta)
 
 
+@bp.app_template_global()
+def tab_title(job: ExportJob) -> str:
+    """The page title, so a background tab shows how far the export is: "42% · Export #7"."""
+    if job.state == JobState.RUNNING:
+        head = f"{job.progress * 100:.0f}%"
+    else:
+        head = "Ready" if job.state == JobState.SUCCEEDED else job.state.capitalize()
+    return f"{head} · Export #{job.id}"
+
+
 @bp.app_template_filter("duration")
 def duration(seconds: float | None) -> str:
     """A short human duration: 4 s, 2 min 05 s, 1 h 12 min."""
