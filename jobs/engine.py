@@ -225,7 +225,7 @@ def _claim(job_id: int, max_attempts: int) -> tuple[ExportJob, JobAttempt] | Non
         db.session.rollback()
         raise Deferred
     number = len(job.attempts) + 1
-    if number > max_attempts:  # only after workers died mid-attempt: failures are counted below
+    if _tries(job) + 1 > max_attempts:  # only after workers died mid-attempt
         job.state = JobState.FAILED
         job.error = f"Gave up after {max_attempts} attempts" + (
             f"; last error: {job.error}" if job.error else " (its workers stopped responding)")
@@ -242,6 +242,13 @@ def _claim(job_id: int, max_attempts: int) -> tuple[ExportJob, JobAttempt] | Non
     job.error = None
     db.session.commit()
     return job, attempt
+
+
+def _tries(job: ExportJob) -> int:
+    """Attempts made since the job was (re)started: a retry by hand (which sets started_at to
+    the time it was asked for) gets a fresh allowance."""
+    since = job.started_at or datetime.min
+    return sum(1 for attempt in job.attempts if attempt.started_at >= since)
 
 
 def _save(job_id: int, claim: str, commit: bool = True, **values) -> None:
@@ -381,7 +388,7 @@ def run(job_id: int, max_attempts: int) -> None:
         _reset_session()
         timed_out = _caused_by(exc, TaskTimeout)
         error = reason(timed_out or exc)
-        retry = not is_permanent(exc) and attempt.number < max_attempts
+        retry = not is_permanent(exc) and _tries(job) < max_attempts
         owned = True
         try:
             _save(job.id, claim, commit=False,
@@ -393,11 +400,12 @@ def run(job_id: int, max_attempts: int) -> None:
         attempt.outcome = "timed_out" if timed_out else "failed"
         attempt.error, attempt.finished_at = error, utcnow()
         if owned and not retry:
+            db.session.flush()  # refresh() would overwrite the attempt's unsaved outcome
             db.session.refresh(job)
             emails.export_finished(job)
         db.session.commit()
-        if owned and not retry:
-            files.discard_part(job.id, job.format)
+        # The part file stays, so a retry by hand resumes from the checkpoint; retention
+        # removes it with the job's other files.
         raise AttemptFailed(error, retry, attempt.number) from exc
     finally:
         heartbeat.done.set()

@@ -36,6 +36,11 @@ class LocalStorage:
         os.replace(self._part(job_id, fmt), self._final(name))
         return name
 
+    def part_size(self, job_id: int, fmt: str) -> int | None:
+        """How many bytes a job's part file holds; None when it has none (nothing to resume)."""
+        path = self._part(job_id, fmt)
+        return path.stat().st_size if path.exists() else None
+
     def discard_part(self, job_id: int, fmt: str) -> None:
         self._part(job_id, fmt).unlink(missing_ok=True)
 

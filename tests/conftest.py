@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from sqlalchemy import create_engine, make_url
+from sqlalchemy import create_engine, make_url, text
 
 ROOT = Path(__file__).resolve().parent.parent
 SEED_ROWS = 20_000
@@ -186,3 +186,13 @@ def stack_factory(tmp_path):
         if TEST_DATABASE_URL:
             drop_database(TEST_DATABASE_URL, stack.database_url)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def query(database_url: str, sql: str, **params) -> list:
+    """Rows of one SQL statement against a test database (SQLite or PostgreSQL)."""
+    engine = create_engine(database_url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(text(sql), params))
+    finally:
+        engine.dispose()

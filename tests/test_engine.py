@@ -41,7 +41,7 @@ def test_export_matches_sql_for_the_users_org_only(app, instance, database_url, 
     assert parse(data) == expected_rows(database_url, dataset, "globex")
     assert job.rows_done == job.rows_total == len(parse(data)) - 1
     assert job.bytes == len(data)
-    assert not list((instance / "exports").glob("*.part"))
+    assert not list((instance / "exports").glob(f"job-{job.id}.*.part"))
 
 
 def test_filters_are_inclusive_dates_and_status(app, instance, database_url):

@@ -517,10 +517,11 @@ def test_invalid_stored_parameters_fail_at_once_with_a_reason(app):
                         params={"date_from": "last tuesday"})
         db.session.add(job)
         db.session.commit()
+        job_id = job.id
         with pytest.raises(engine.AttemptFailed) as failure:
-            engine.run(job.id, tasks.EXPORT_ATTEMPTS)
+            engine.run(job_id, tasks.EXPORT_ATTEMPTS)
     assert failure.value.retry is False
-    job = load(app, job.id)
+    job = load(app, job_id)
     assert job.state == "failed" and job.finished_at is not None
     assert job.error == "Invalid parameters: date_from: must be a date like 2026-01-31"
     assert [(a.number, a.outcome) for a in job.attempts] == [(1, "failed")]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from urllib.parse import urlsplit
 
 import pytest
 import requests
-from conftest import csrf_from, free_port
+from conftest import csrf_from, free_port, query
 from mailserver import MailServer, links_in, text_of
 from test_end_to_end import browser_login
 
@@ -86,10 +85,9 @@ def test_reset_email_overtakes_busy_exports_and_every_link_works(stack_factory, 
     emailed = requests.get(stack.url + urlsplit(link).path)  # no session: the link is enough
     assert emailed.status_code == 200
     assert emailed.content == alice.get(f"{stack.url}/exports/{jobs[-1]}/download").content
-    db = sqlite3.connect(stack.instance / "exportdesk.db")
-    sent = db.execute("select state, attempts, count(*) from outbound_emails "
-                      "group by state, attempts").fetchall()
-    assert sent == [("sent", 1, 5)], "five emails, each sent once"
+    sent = query(stack.database_url, "select state, attempts, count(*) from outbound_emails "
+                 "group by state, attempts")
+    assert [tuple(r) for r in sent] == [("sent", 1, 5)], "five emails, each sent once"
 
 
 def test_smtp_down_email_fails_after_retries_while_the_export_succeeds(stack_factory):
@@ -100,12 +98,10 @@ def test_smtp_down_email_fails_after_retries_while_the_export_succeeds(stack_fac
     job_id = export(alice, stack.url, "orders")
     wait_until(lambda: state(alice, stack.url, job_id) == "succeeded", 60, "the export")
 
-    db = sqlite3.connect(stack.instance / "exportdesk.db")
-
     def email_row():
-        row = db.execute("select state, attempts, error from outbound_emails where job_id = ?",
-                         (job_id,)).fetchone()
-        return row if row and row[0] == "failed" else None
+        rows = query(stack.database_url, "select state, attempts, error from outbound_emails "
+                     "where job_id = :id", id=job_id)
+        return tuple(rows[0]) if rows and rows[0][0] == "failed" else None
 
     _state, attempts, error = wait_until(email_row, 60, "the email to fail for good")
     assert attempts == 3, "the first try and two retries"

@@ -5,6 +5,7 @@ from __future__ import annotations
 from flask import Blueprint, jsonify, request, url_for
 from flask_login import current_user, login_required
 
+from jobs import dispatch
 from jobs.datasets import InvalidParams
 from webapp.exports import IdempotencyConflict, TooManyExports, job_for, request_export
 from webapp.models import ExportJob, db
@@ -69,3 +70,27 @@ def create_export_job():
 @login_required
 def get_job(job_id: int):
     return jsonify(job_json(job_for(current_user, job_id)))
+
+
+@bp.post("/jobs/<int:job_id>/cancel")
+@login_required
+def cancel_job(job_id: int):
+    return _change(job_id, dispatch.cancel)
+
+
+@bp.post("/jobs/<int:job_id>/retry")
+@login_required
+def retry_job(job_id: int):
+    return _change(job_id, dispatch.retry)
+
+
+def _change(job_id: int, change):
+    """Cancel or retry, as the buttons do: 202 with the job, 409 when its state does not allow."""
+    job = job_for(current_user, job_id)
+    try:
+        change(job)
+    except dispatch.WrongState as exc:
+        db.session.rollback()
+        return jsonify(error=str(exc), state=job.state), 409
+    db.session.commit()
+    return jsonify(job_json(job)), 202

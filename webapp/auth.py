@@ -43,6 +43,10 @@ def load_user_from_token(_request) -> User | None:
 def unauthorized():
     if request.path.startswith("/api/"):
         return jsonify(error="authentication required"), 401
+    if request.headers.get("HX-Request") == "true":
+        # a poll after the session ended: send the whole page to the login form, not a fragment
+        page = urlsplit(request.headers.get("HX-Current-URL", "")).path or request.path
+        return "", 401, {"HX-Redirect": url_for("auth.login", next=page)}
     return redirect(url_for("auth.login", next=request.full_path.rstrip("?")))
 
 

@@ -1,12 +1,18 @@
-"""Export pages: the form, creating a job, watching its progress, downloading the file."""
+"""Export pages: the form, creating a job, watching its progress, cancel, retry, download."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
 from flask import (
     Blueprint,
+    Response,
     abort,
     current_app,
     flash,
+    make_response,
     redirect,
     render_template,
     request,
@@ -121,11 +127,83 @@ def job_for(user: User, job_id: int) -> ExportJob:
     return job
 
 
+@dataclass(frozen=True)
+class Timing:
+    """How long a job has taken and, while it runs, how long it should still take (seconds)."""
+
+    elapsed: float | None
+    eta: float | None
+
+
+@bp.app_template_global()
+def timing(job: ExportJob, now: datetime | None = None) -> Timing:
+    """Elapsed since the job started (or was requested, while it waits); ETA from its pace."""
+    now = now or utcnow()
+    begin = job.started_at or job.created_at
+    end = job.finished_at if job.finished else now
+    elapsed = max((end - begin).total_seconds(), 0.0) if begin and end else None
+    eta = None
+    if job.state == JobState.RUNNING and job.started_at and job.rows_total and job.rows_done:
+        eta = elapsed * max(job.rows_total - job.rows_done, 0) / job.rows_done
+    return Timing(elapsed, eta)
+
+
+@bp.app_template_global()
+def tab_title(job: ExportJob) -> str:
+    """The page title, so a background tab shows how far the export is: "42% · Export #7"."""
+    if job.state == JobState.RUNNING:
+        head = f"{job.progress * 100:.0f}%"
+    else:
+        head = "Ready" if job.state == JobState.SUCCEEDED else job.state.capitalize()
+    return f"{head} · Export #{job.id}"
+
+
+@bp.app_template_filter("duration")
+def duration(seconds: float | None) -> str:
+    """A short human duration: 4 s, 2 min 05 s, 1 h 12 min."""
+    if seconds is None:
+        return "–"
+    total = int(round(seconds))
+    if total < 60:
+        return f"{total} s"
+    if total < 3600:
+        return f"{total // 60} min {total % 60:02d} s"
+    return f"{total // 3600} h {total % 3600 // 60:02d} min"
+
+
+def _render(template: str, status: int = 200, **context) -> Response:
+    """A page or an htmx fragment of the same URL; Vary keeps a browser from showing a cached
+    fragment in place of the full page."""
+    response = make_response(render_template(template, **context), status)
+    response.vary.add("HX-Request")
+    return response
+
+
+def _is_htmx() -> bool:
+    return request.headers.get("HX-Request") == "true"
+
+
+def _my_jobs() -> list[ExportJob]:
+    return list(db.session.scalars(
+        select(ExportJob).where(ExportJob.user_id == current_user.id)
+        .order_by(ExportJob.id.desc()).limit(100)
+    ))
+
+
+def _render_form(errors: dict, chosen: str | None, values, status: int = 200):
+    return render_template("exports/new.html", datasets=DATASETS.values(), formats=FORMATS,
+                           errors=errors, chosen=chosen, values=values), status
+
+
 @bp.get("/")
 @login_required
 def new():
-    return render_template("exports/new.html", datasets=DATASETS.values(), formats=FORMATS,
-                           errors={}, chosen=None, values={})
+    return _render_form({}, None, {})
+
+
+def _form_params() -> dict:
+    return {k: v for k, v in request.form.items()
+            if k not in ("dataset", "format", "csrf_token")}
 
 
 @bp.post("/exports")
@@ -133,40 +211,99 @@ def new():
 def create():
     form = request.form
     name = form.get("dataset")
-    params = {k: v for k, v in form.items() if k not in ("dataset", "format", "csrf_token")}
     try:
-        job, new = request_export(current_user, name, form.get("format", "csv"), params)
+        job, new = request_export(current_user, name, form.get("format", "csv"), _form_params())
     except InvalidParams as exc:
         db.session.rollback()
-        return render_template("exports/new.html", datasets=DATASETS.values(), formats=FORMATS,
-                               errors=exc.errors, chosen=name, values=form), 400
+        return _render_form(exc.errors, name, form, 400)
     except TooManyExports as exc:
         db.session.rollback()
-        return render_template("exports/new.html", datasets=DATASETS.values(), formats=FORMATS,
-                               errors={"dataset": str(exc)}, chosen=name, values=form), 429
+        return _render_form({"dataset": str(exc)}, name, form, 429)
     db.session.commit()
     if not new:
         flash("You already asked for this export; here it is.", "info")
     return redirect(url_for("exports.show", job_id=job.id), code=303)
 
 
+@bp.post("/exports/check")
+@login_required
+def check():
+    """Inline validation while the form is filled in: the dataset's error slots, out of band."""
+    dataset = DATASETS.get(request.form.get("dataset", ""))
+    if dataset is None:
+        abort(404)
+    errors: dict[str, str] = {}
+    if request.form.get("format", "csv") not in FORMATS:
+        errors["format"] = f"unknown format; choose one of {', '.join(FORMATS)}"
+    try:
+        dataset.clean_params(_form_params())
+    except InvalidParams as exc:
+        errors.update(exc.errors)
+    return _render("exports/_errors.html", dataset=dataset, errors=errors)
+
+
 @bp.get("/exports")
 @login_required
 def index():
-    jobs = db.session.scalars(
-        select(ExportJob).where(ExportJob.user_id == current_user.id)
-        .order_by(ExportJob.id.desc()).limit(100)
-    ).all()
-    return render_template("exports/index.html", jobs=jobs)
+    template = "exports/_list.html" if _is_htmx() else "exports/index.html"
+    return _render(template, jobs=_my_jobs())
 
 
 @bp.get("/exports/<int:job_id>")
 @login_required
 def show(job_id: int):
     job = job_for(current_user, job_id)
-    if request.headers.get("HX-Request"):
-        return render_template("exports/_progress.html", job=job)
-    return render_template("exports/show.html", job=job)
+    if _is_htmx():
+        return _render("exports/_progress.html", job=job, oob=True)
+    return _render("exports/show.html", job=job)
+
+
+def _after_action(job: ExportJob, notice: str | None = None, status: int = 200):
+    """Answer a cancel or retry: the part of the page that sent it (htmx), else a redirect."""
+    view = request.form.get("view")
+    if _is_htmx():
+        if view == "list":
+            return _render("exports/_list.html", status, jobs=_my_jobs(), notice=notice)
+        return _render("exports/_progress.html", status, job=job, oob=True, notice=notice)
+    if notice:
+        return render_template("error.html", status=status, message=notice), status
+    if view == "list":
+        return redirect(url_for("exports.index"), code=303)
+    return redirect(url_for("exports.show", job_id=job.id), code=303)
+
+
+@bp.get("/exports/<int:job_id>/cancel")
+@login_required
+def confirm_cancel(job_id: int):
+    """The confirmation step when JavaScript is off (htmx asks with a dialog instead)."""
+    job = job_for(current_user, job_id)
+    view = "list" if request.args.get("view") == "list" else "job"
+    return render_template("exports/confirm_cancel.html", job=job, view=view)
+
+
+@bp.post("/exports/<int:job_id>/cancel")
+@login_required
+def cancel(job_id: int):
+    return _change(job_id, dispatch.cancel)
+
+
+@bp.post("/exports/<int:job_id>/retry")
+@login_required
+def retry(job_id: int):
+    return _change(job_id, dispatch.retry)
+
+
+def _change(job_id: int, change: Callable[[ExportJob], None]):
+    """Cancel or retry for the owner or an admin; 409 with the reason when the state forbids."""
+    job = job_for(current_user, job_id)
+    try:
+        change(job)
+    except dispatch.WrongState as exc:
+        db.session.rollback()
+        return _after_action(job, str(exc), 409)
+    db.session.commit()
+    current_app.logger.info("job %s: %s by user %s", job.id, change.__name__, current_user.id)
+    return _after_action(job)
 
 
 @bp.get("/exports/<int:job_id>/download")

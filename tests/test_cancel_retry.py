@@ -1,0 +1,250 @@
+"""Cancel and retry by owner or admin: pages with and without htmx, the JSON API, the engine."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+from dataclasses import fields
+from datetime import timedelta
+
+import pytest
+from conftest import csrf_from
+from expected import expected_rows
+from sqlalchemy import update
+
+from jobs import dispatch, engine, lanes
+from jobs.datasets import DATASETS, Dataset
+from webapp.auth import create_token, find_user
+from webapp.exports import duration, timing
+from webapp.models import ExportJob, JobAttempt, JobState, db, utcnow
+
+HX = {"HX-Request": "true"}
+
+
+@pytest.fixture(autouse=True)
+def empty_lane(app):
+    """Retries put messages on the (SQLite) exports lane; leave it as we found it."""
+    yield
+    with app.app_context():
+        lanes.exports.flush()
+
+
+def make_job(app, email: str = "alice@acme.test", **values) -> int:
+    with app.app_context():
+        user = find_user(email)
+        job = ExportJob(user=user, org_id=user.org_id, dataset="transactions", params={},
+                        **values)
+        db.session.add(job)
+        db.session.commit()
+        return job.id
+
+
+def load(app, job_id: int) -> ExportJob:
+    with app.app_context():
+        job = db.session.get(ExportJob, job_id)
+        db.session.expunge(job)
+        return job
+
+
+def post(client, path: str, headers: dict | None = None, **data):
+    token = csrf_from(client.get("/").get_data(as_text=True))
+    return client.post(path, data={"csrf_token": token, **data}, headers=headers or {})
+
+
+def test_cancel_queued_job_without_js_redirects_to_its_page(app, alice):
+    job_id = make_job(app)
+    page = alice.get(f"/exports/{job_id}/cancel").get_data(as_text=True)
+    assert "Yes, cancel it" in page and f'action="/exports/{job_id}/cancel"' in page
+    response = post(alice, f"/exports/{job_id}/cancel", view="job")
+    assert response.status_code == 303 and response.headers["Location"] == f"/exports/{job_id}"
+    job = load(app, job_id)
+    assert job.state == "cancelled" and job.finished_at is not None
+    page = alice.get(f"/exports/{job_id}").get_data(as_text=True)
+    assert "This export was cancelled" in page and f'id="retry-{job_id}"' in page
+    assert "hx-trigger" not in page.split('id="job-status"')[0].split(f'id="job-{job_id}"')[1]
+
+
+def test_cancelling_twice_is_a_clear_409_page_fragment_and_json(app, alice):
+    job_id = make_job(app, state=JobState.SUCCEEDED)
+    response = post(alice, f"/exports/{job_id}/cancel")
+    assert response.status_code == 409
+    assert "is succeeded: only queued or running exports can be cancelled" in response.text
+    response = post(alice, f"/exports/{job_id}/cancel", headers=HX, view="list")
+    assert response.status_code == 409 and 'id="my-exports"' in response.text
+    assert 'role="alert"' in response.text and "<html" not in response.text
+    token = csrf_from(alice.get("/").get_data(as_text=True))
+    response = alice.post(f"/api/jobs/{job_id}/cancel", headers={"X-CSRFToken": token})
+    assert response.status_code == 409 and "only queued or running" in response.json["error"]
+    assert load(app, job_id).state == "succeeded"
+
+
+def test_htmx_cancel_answers_with_the_part_that_asked(app, alice):
+    job_id = make_job(app, state=JobState.RUNNING, rows_done=10, rows_total=100)
+    response = post(alice, f"/exports/{job_id}/cancel", headers=HX, view="job")
+    assert response.status_code == 200 and "HX-Request" in response.headers["Vary"]
+    assert f'id="job-{job_id}"' in response.text and "cancelled" in response.text
+    assert 'id="job-status" hx-swap-oob="innerHTML">Export cancelled' in response.text
+    assert load(app, job_id).state == "cancelled"
+
+
+def test_cancel_and_retry_need_csrf_and_ownership(app, alice, bob, admin):
+    job_id = make_job(app)
+    assert alice.post(f"/exports/{job_id}/cancel").status_code == 400
+    assert alice.post(f"/api/jobs/{job_id}/cancel").status_code == 400
+    assert post(bob, f"/exports/{job_id}/cancel").status_code == 404
+    assert post(bob, f"/exports/{job_id}/retry").status_code == 404
+    assert bob.get(f"/exports/{job_id}/cancel").status_code == 404
+    assert load(app, job_id).state == "queued"
+    assert post(admin, f"/exports/{job_id}/cancel").status_code == 303
+    assert load(app, job_id).state == "cancelled"
+    assert post(alice, "/exports/999999/retry").status_code == 404
+
+
+def test_retry_puts_a_cancelled_job_back_on_its_lane(app, alice):
+    job_id = make_job(app, state=JobState.CANCELLED, error="x", rows_done=500,
+                      checkpoint={"last_key": 9, "rows": 500, "bytes": 4000},
+                      finished_at=utcnow())
+    with app.app_context():
+        lanes.exports.flush()
+    response = post(alice, f"/exports/{job_id}/retry", view="list")
+    assert response.status_code == 303 and response.headers["Location"] == "/exports"
+    job = load(app, job_id)
+    assert job.state == "queued" and job.finished_at is None and job.error is None
+    assert job.checkpoint is None and job.rows_done == 0, "no part file: start over"
+    with app.app_context():
+        assert lanes.exports.pending_count() == 1
+        assert lanes.exports.dequeue().args == (job_id,)
+    response = post(alice, f"/exports/{job_id}/retry", headers=HX)
+    assert response.status_code == 409 and "only failed or cancelled" in response.text
+    assert 'hx-trigger="every 1s"' in response.text, "the job is queued again: keep polling"
+
+
+def test_retry_waits_until_a_cancelled_worker_has_stopped(app, alice):
+    job_id = make_job(app, state=JobState.CANCELLED)
+    with app.app_context():
+        db.session.add(JobAttempt(job_id=job_id, number=1, worker="w:1"))
+        db.session.commit()
+    response = post(alice, f"/exports/{job_id}/retry")
+    assert response.status_code == 409 and "still stopping" in response.text
+
+
+def test_api_cancel_and_retry_with_a_token(app, client):
+    job_id = make_job(app, "bob@globex.test")
+    with app.app_context():
+        auth = {"Authorization": f"Bearer {create_token(find_user('bob@globex.test'))}"}
+    response = client.post(f"/api/jobs/{job_id}/cancel", headers=auth)
+    assert response.status_code == 202 and response.json["state"] == "cancelled"
+    response = client.post(f"/api/jobs/{job_id}/retry", headers=auth)
+    assert response.status_code == 202 and response.json["state"] == "queued"
+    response = client.post(f"/api/jobs/{job_id}/retry", headers=auth)
+    assert response.status_code == 409 and response.json["state"] == "queued"
+    other = make_job(app, "alice@acme.test")
+    assert client.post(f"/api/jobs/{other}/cancel", headers=auth).status_code == 404
+
+
+def test_engine_skips_the_message_of_a_cancelled_or_already_claimed_job(app):
+    cancelled = make_job(app, state=JobState.CANCELLED)
+    running = make_job(app, state=JobState.RUNNING)
+    with app.app_context():  # claimed by another worker whose lease is live
+        db.session.execute(update(ExportJob).where(ExportJob.id == running).values(
+            claimed_by="other-host:1#1", lease_expires_at=utcnow() + timedelta(minutes=5)))
+        db.session.commit()
+        engine.run(cancelled, max_attempts=1)
+        engine.run(running, max_attempts=1)
+    for job_id, state in ((cancelled, "cancelled"), (running, "running")):
+        job = load(app, job_id)
+        assert job.state == state and job.rows_done == 0
+        with app.app_context():
+            assert db.session.get(ExportJob, job_id).attempts == []
+
+
+def test_failed_export_retried_by_hand_resumes_from_its_checkpoint(app, instance, monkeypatch):
+    real = DATASETS["transactions"]
+    batches: list[int] = []
+
+    class Flaky(Dataset):
+        def batch(self, *args, **kwargs):
+            batches.append(1)
+            if len(batches) == 3:
+                raise RuntimeError("database went away")
+            return super().batch(*args, **kwargs)
+
+    monkeypatch.setitem(DATASETS, "transactions",
+                        Flaky(**{f.name: getattr(real, f.name) for f in fields(real)}))
+    job_id = make_job(app)
+    with app.app_context(), pytest.raises(engine.AttemptFailed):
+        engine.run(job_id, max_attempts=1)
+    failed = load(app, job_id)
+    assert failed.state == "failed" and "database went away" in failed.error
+    assert failed.rows_done == 2 * app.config["EXPORT_BATCH_ROWS"]
+
+    with app.app_context():
+        job = db.session.get(ExportJob, job_id)
+        dispatch.retry(job)
+        db.session.commit()
+        assert job.state == "queued" and job.rows_done == failed.rows_done, "kept the checkpoint"
+        engine.run(job_id, max_attempts=5)
+    done = load(app, job_id)
+    # An uninterrupted run reads ceil(rows / batch) batches plus the empty one that ends it;
+    # here only the batch that failed is read on top: the two before it were not read again.
+    uninterrupted = -(-done.rows_total // app.config["EXPORT_BATCH_ROWS"]) + 1
+    assert done.state == "succeeded" and len(batches) == uninterrupted + 1
+    data = (instance / "exports" / done.file_name).read_bytes().decode("utf-8")
+    rows = list(csv.reader(io.StringIO(data, newline="")))
+    assert rows == expected_rows(os.environ["DATABASE_URL"], "transactions", "acme")
+
+
+def test_progress_shows_rows_elapsed_and_eta(app, alice):
+    started = utcnow() - timedelta(seconds=30)
+    job_id = make_job(app, state=JobState.RUNNING, rows_done=250, rows_total=1000,
+                      started_at=started)
+    page = alice.get(f"/exports/{job_id}").get_data(as_text=True)
+    assert 'aria-valuenow="25.0"' in page and "250 of ~1,000" in page
+    assert 'aria-valuetext="25.0%, 250 of 1,000 rows, about 1 min 30 s left"' in page
+    assert '<div id="job-status" role="status" aria-live="polite"' in page
+    fragment = alice.get(f"/exports/{job_id}", headers=HX).get_data(as_text=True)
+    assert "<html" not in fragment and 'hx-swap-oob="innerHTML"></div>' in fragment
+    assert f"<title>25% · Export #{job_id} · exportdesk</title>" in fragment
+    with app.app_context():
+        job = db.session.get(ExportJob, job_id)
+        t = timing(job, now=started + timedelta(seconds=30))
+    assert t.elapsed == 30 and t.eta == 90
+
+
+@pytest.mark.parametrize("seconds, text", [(None, "–"), (0.4, "0 s"), (59, "59 s"),
+                                           (65, "1 min 05 s"), (3720, "1 h 02 min")])
+def test_duration_reads_like_a_person_would_say_it(seconds, text):
+    assert duration(seconds) == text
+
+
+def test_my_exports_polls_only_while_something_is_active(app, bob):
+    with app.app_context():
+        user = find_user("bob@globex.test")
+        db.session.query(ExportJob).filter_by(user_id=user.id).delete()
+        db.session.commit()
+    job_id = make_job(app, "bob@globex.test", state=JobState.FAILED, error="boom")
+    page = bob.get("/exports").get_data(as_text=True)
+    assert f'id="retry-{job_id}"' in page and "hx-trigger" not in page
+    running = make_job(app, "bob@globex.test", state=JobState.RUNNING, rows_total=10)
+    fragment = bob.get("/exports", headers=HX).get_data(as_text=True)
+    assert fragment.lstrip().startswith('<div id="my-exports"')
+    assert 'hx-trigger="every 2s"' in fragment and f'id="cancel-{running}"' in fragment
+    assert f'hx-confirm="Cancel export #{running}?' in fragment
+    assert f'href="/exports/{running}/cancel?view=list"' in fragment
+
+
+def test_inline_check_fills_error_slots_out_of_band(alice):
+    response = post(alice, "/exports/check", headers=HX, dataset="orders",
+                    date_from="2026-05-01", date_to="2026-04-01", status="", format="csv")
+    assert response.status_code == 200
+    assert ('<p id="orders-date_to-error" hx-swap-oob="innerHTML">To must not be before'
+            in response.text)
+    assert '<p id="orders-date_from-error" hx-swap-oob="innerHTML"></p>' in response.text
+    assert post(alice, "/exports/check", dataset="nope").status_code == 404
+
+
+def test_htmx_poll_after_logout_redirects_the_whole_page(client):
+    response = client.get("/exports/1", headers={**HX, "HX-Current-URL": "http://x/exports/1"})
+    assert response.status_code == 401
+    assert response.headers["HX-Redirect"] == "/login?next=/exports/1"
