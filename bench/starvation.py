@@ -1,0 +1,157 @@
+"""Does a saturated exports lane delay urgent tasks? Enqueue-to-start latency of 500 critical
+tasks while every export worker is busy and more exports wait, on SQLite and Redis lanes,
+against the classic single shared queue.
+
+    .venv/bin/python bench/starvation.py [--pings 500] [--rate 50] [--redis-url URL]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def start(lane: str, env: dict, log: Path) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-m", "flask", "worker", lane], cwd=ROOT, env=env,
+                            stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    deadline = time.monotonic() + 30
+    while "Huey consumer started" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"consumer {lane} did not start:\n{log.read_text()}")
+        time.sleep(0.05)
+    return proc
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for proc in procs:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def scenario(name: str, broker: str, shared: bool, args, workdir: Path) -> list[float]:
+    """Saturate the exports lane, then send pings at a steady rate; latencies in ms."""
+    from jobs import lanes
+
+    instance = workdir / name.replace(" ", "-")
+    instance.mkdir()
+    probe_log = instance / "probe.log"
+    env = {**os.environ, "INSTANCE_PATH": str(instance), "FLASK_APP": "webapp",
+           "BROKER_URL": broker, "TASK_MODULES": "probe", "PROBE_LOG": str(probe_log),
+           "PYTHONPATH": f"{ROOT / 'bench'}:{ROOT}", "RECONCILE_INTERVAL": "3600",
+           "DATABASE_URL": f"sqlite:///{instance / 'exportdesk.db'}"}
+    # The classic setup: one queue whose workers do everything (as many as both lanes have).
+    workers = lanes.critical.settings.workers + lanes.exports.settings.workers
+    if shared:
+        env["LANE_EXPORTS_WORKERS"] = str(workers)
+    subprocess.run([sys.executable, "-m", "flask", "db", "upgrade"], cwd=ROOT, env=env,
+                   check=True, capture_output=True)
+    os.environ.update(PROBE_LOG=str(probe_log))
+    lanes.configure(broker, instance)
+    for lane in lanes.LANES.values():
+        lane.storage.flush_queue()
+        lane.storage.flush_schedule()
+    import probe
+
+    probe.LOG = str(probe_log)
+    procs = [start("exports", env, instance / "exports.log")]
+    if not shared:
+        procs.append(start("critical", env, instance / "critical.log"))
+    try:
+        busy = (workers if shared else lanes.exports.settings.workers) + args.queued_exports
+        for _ in range(busy):
+            probe.hog(args.export_seconds)
+        time.sleep(1.0)  # every export worker is now inside a long export
+        send = probe.ping_shared if shared else probe.ping
+        interval = 1.0 / args.rate
+        next_at = time.monotonic()
+        for _ in range(args.pings):
+            next_at += interval
+            send(time.time())
+            time.sleep(max(0.0, next_at - time.monotonic()))
+        deadline = time.monotonic() + args.export_seconds * 4 + 60
+        while time.monotonic() < deadline:
+            lines = probe_log.read_text().splitlines() if probe_log.exists() else []
+            if len(lines) >= args.pings:
+                break
+            time.sleep(0.1)
+        depth = lanes.exports.pending_count()
+    finally:
+        stop(procs)
+        for lane in lanes.LANES.values():
+            lane.storage.flush_queue()
+            lane.storage.flush_schedule()
+    latencies = [(float(b) - float(a)) * 1000 for a, b in (line.split() for line in lines)]
+    if len(latencies) < args.pings:
+        print(f"  {name}: only {len(latencies)} of {args.pings} pings started in time")
+    print(f"  {name}: done ({len(latencies)} pings, {depth} exports still queued at the end)",
+          flush=True)
+    return latencies
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pings", type=int, default=500)
+    parser.add_argument("--rate", type=float, default=50.0, help="pings per second")
+    parser.add_argument("--export-seconds", type=float, default=10.0)
+    parser.add_argument("--queued-exports", type=int, default=20)
+    parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL",
+                                                              "redis://127.0.0.1:6379/4"))
+    args = parser.parse_args()
+    from jobs import lanes
+
+    poll_ms = lanes.critical.settings.poll_interval * 1000
+    print(f"starvation: {args.pings} critical tasks at {args.rate:g}/s while every export "
+          f"worker runs a {args.export_seconds:g} s export and {args.queued_exports} more wait",
+          flush=True)
+    redis_ok = True
+    try:
+        import redis
+
+        redis.Redis.from_url(args.redis_url).ping()
+    except Exception as exc:  # the row says why
+        redis_ok = False
+        print(f"  Redis unavailable at {args.redis_url}: {exc}")
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="exportdesk-bench-") as tmp:
+        work = Path(tmp)
+        rows.append(("(a) isolated lanes, SQLite", poll_ms + 50,
+                     scenario("a sqlite", "", False, args, work)))
+        if redis_ok:
+            rows.append(("(b) isolated lanes, Redis", 20.0,
+                         scenario("b redis", args.redis_url, False, args, work)))
+        rows.append(("(c) one shared queue (baseline)", None,
+                     scenario("c shared", "", True, args, work)))
+    baseline_p99 = percentile(rows[-1][2], 99)
+    print()
+    print(f"{'setup':<34} {'n':>4} {'p50 ms':>9} {'p95 ms':>9} {'p99 ms':>9} {'max ms':>9} "
+          f"{'p99 target':>11} {'p99 vs baseline':>16}")
+    for label, target, values in rows:
+        p50, p95, p99 = (percentile(values, p) for p in (50, 95, 99))
+        verdict = "" if target is None else f"≤{target:.0f} {'ok' if p99 <= target else 'MISS'}"
+        ratio = f"{p99 / baseline_p99:.4f}×" if target is not None else "1×"
+        print(f"{label:<34} {len(values):>4} {p50:>9.1f} {p95:>9.1f} {p99:>9.1f} "
+              f"{max(values):>9.1f} {verdict:>11} {ratio:>16}")
+    print(f"(mean of the baseline: {statistics.mean(rows[-1][2]):.0f} ms)")
+
+
+if __name__ == "__main__":
+    main()
