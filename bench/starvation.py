@@ -55,7 +55,7 @@ def scenario(name: str, broker: str, shared: bool, args, workdir: Path) -> list[
     instance.mkdir()
     probe_log = instance / "probe.log"
     env = {**os.environ, "INSTANCE_PATH": str(instance), "FLASK_APP": "webapp",
-           "BROKER_URL": broker, "TASK_MODULES": "probe", "PROBE_LOG": str(probe_log),
+           "BROKER_URL": broker, "TASK_MODULES": "_probe", "PROBE_LOG": str(probe_log),
            "PYTHONPATH": f"{ROOT / 'bench'}:{ROOT}", "RECONCILE_INTERVAL": "3600",
            "DATABASE_URL": f"sqlite:///{instance / 'exportdesk.db'}"}
     # The classic setup: one queue whose workers do everything (as many as both lanes have).
@@ -69,7 +69,7 @@ def scenario(name: str, broker: str, shared: bool, args, workdir: Path) -> list[
     for lane in lanes.LANES.values():
         lane.storage.flush_queue()
         lane.storage.flush_schedule()
-    import probe
+    import _probe as probe
 
     probe.LOG = str(probe_log)
     procs = [start("exports", env, instance / "exports.log")]

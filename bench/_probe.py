@@ -1,4 +1,4 @@
-"""Tasks for bench/starvation.py, loaded into consumers with TASK_MODULES=probe."""
+"""Tasks for bench/starvation.py, loaded into consumers with TASK_MODULES=_probe."""
 
 from __future__ import annotations
 
