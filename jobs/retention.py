@@ -31,13 +31,16 @@ def bytes_used() -> int:
     return storage().used_bytes()
 
 
-def _keeps(job: ExportJob | None, name: str) -> bool:
-    """A file is needed while its job runs (parts, or the file just published) and until
-    retention expires a succeeded job's own file."""
+def _keeps(job: ExportJob | None, name: str, cutoff: datetime) -> bool:
+    """A file is needed while its job runs (parts, or the file just published), until
+    retention expires a succeeded job's own file, and, for a retry by hand to resume, a
+    failed job's part file for as long as retention keeps files."""
     if job is None:
         return False
     if job.state in JobState.ACTIVE:
         return True
+    if job.state == JobState.FAILED and name.endswith(".part"):
+        return job.finished_at is not None and job.finished_at >= cutoff
     return job.state == JobState.SUCCEEDED and job.file_name == name
 
 
@@ -66,7 +69,7 @@ def sweep(now: datetime | None = None) -> SweepReport:
         match = OUR_FILE.fullmatch(name)
         if match is None or modified > settled:
             continue  # not ours, or too fresh to judge
-        if not _keeps(db.session.get(ExportJob, int(match.group(1))), name):
+        if not _keeps(db.session.get(ExportJob, int(match.group(1))), name, cutoff):
             files.delete(name)
             report.removed_files.append(name)
     db.session.rollback()

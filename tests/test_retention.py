@@ -48,13 +48,15 @@ def test_sweep_removes_exactly_the_old_files(app, export_dir):
         running = make_job(JobState.RUNNING)
         published = make_job(JobState.RUNNING)  # renamed into place, its commit still to come
         failed = make_job(JobState.FAILED, age_days=1)
+        failed_long_ago = make_job(JobState.FAILED, age_days=8)
         ids = [j.id for j in (old, recent, running, published, failed)]
         old_file = old.file_name
         touch(export_dir, old.file_name, hours_old=8 * 24)
         touch(export_dir, recent.file_name, hours_old=6 * 24)
         touch(export_dir, f"job-{running.id}.csv.part", hours_old=5)  # a long export: kept
         touch(export_dir, f"job-{published.id}.csv", hours_old=2)
-        touch(export_dir, f"job-{failed.id}.csv.part", hours_old=2)  # orphan
+        touch(export_dir, f"job-{failed.id}.csv.part", hours_old=2)  # kept for a retry
+        touch(export_dir, f"job-{failed_long_ago.id}.csv.part", hours_old=8 * 24)  # too old
         touch(export_dir, f"job-{recent.id}.csv.part", hours_old=2)  # orphan of a finished job
         touch(export_dir, "job-99999999.csv.part", hours_old=2)  # no such job
         touch(export_dir, "job-99999998.csv", hours_old=2)  # no such job
@@ -65,11 +67,11 @@ def test_sweep_removes_exactly_the_old_files(app, export_dir):
 
         assert report.expired_jobs == [old.id]
         assert sorted(report.removed_files) == sorted([
-            old_file, f"job-{failed.id}.csv.part", f"job-{recent.id}.csv.part",
+            old_file, f"job-{failed_long_ago.id}.csv.part", f"job-{recent.id}.csv.part",
             "job-99999999.csv.part", "job-99999998.csv"])
         assert sorted(p.name for p in export_dir.iterdir()) == sorted([
             recent.file_name, f"job-{running.id}.csv.part", f"job-{published.id}.csv",
-            f"job-{failed.id}.csv", "notes.txt"])
+            f"job-{failed.id}.csv", f"job-{failed.id}.csv.part", "notes.txt"])
         states = [db.session.get(ExportJob, i).state for i in ids]
         assert states == ["expired", "succeeded", "running", "running", "failed"]
         assert db.session.get(ExportJob, old.id).file_name is None
