@@ -106,10 +106,13 @@ def marks(path: Path) -> list[list[str]]:
 
 def test_every_task_declares_its_lane_and_cannot_be_sent_to_another():
     declared = {name: lane.name for lane in lanes.LANES.values()
-                for name in lane._registry._registry}
-    assert declared["jobs.tasks.export"] == "exports"
-    for name, lane_name in declared.items():
-        assert name.count(".") >= 1 and lane_name in ("critical", "exports"), name
+                for name in lane._registry._registry if name.startswith("jobs.")}
+    assert declared == {
+        "jobs.tasks.export": "exports",
+        "jobs.tasks.reconcile": "critical",
+        "jobs.tasks.send_email": "critical",
+        "jobs.tasks.housekeeping": "critical",
+    }, "a task was added or moved: declare its lane on purpose and list it here"
     with pytest.raises(HueyException, match="not found"):
         lanes.critical.enqueue(tasks.run_export.s(1))
     with pytest.raises(HueyException, match="not found"):
