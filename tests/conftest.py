@@ -196,3 +196,14 @@ def query(database_url: str, sql: str, **params) -> list:
             return list(conn.execute(text(sql), params))
     finally:
         engine.dispose()
+
+
+def wait_for(predicate, timeout: float = 30, what: str = "condition", every: float = 0.05):
+    """Poll until predicate() is truthy and return its value; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -9,11 +9,10 @@ import csv
 import io
 import os
 import re
-import time
 from pathlib import Path
 
 import pytest
-from conftest import query, require
+from conftest import query, require, wait_for
 from expected import expected_rows
 
 pytestmark = pytest.mark.integration
@@ -91,14 +90,6 @@ def job_row(stack, job_id: int) -> dict:
     return job
 
 
-def wait_until(check, timeout: float = 60, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def csv_rows(path: Path) -> list[list[str]]:
@@ -213,7 +204,7 @@ def test_cancel_a_running_export_from_my_exports_then_retry(browser, stack_facto
     assert posts[0].url.endswith(f"/exports/{job_id}/cancel")
     assert posts[0].headers.get("x-csrftoken"), "htmx must send the CSRF token"
 
-    job = wait_until(lambda: (j := job_row(stack, job_id))["attempts"][-1]["finished_at"] and j,
+    job = wait_for(lambda: (j := job_row(stack, job_id))["attempts"][-1]["finished_at"] and j,
                      what="the worker to stop")
     assert job["state"] == "cancelled" and job["attempts"][-1]["outcome"] == "cancelled"
     assert 0 < job["rows_done"] < job["rows_total"]
@@ -254,7 +245,7 @@ def test_without_javascript_every_page_still_works(browser, stack_factory, shots
     page.wait_for_url(re.compile(r"/exports$"))
     assert page.inner_text(f"#row-{slow} .badge") == "Cancelled"
     assert page.inner_text(f"#row-{job_id} .badge") == "Succeeded"
-    wait_until(lambda: all(a["finished_at"] for a in job_row(stack, slow)["attempts"]),
+    wait_for(lambda: all(a["finished_at"] for a in job_row(stack, slow)["attempts"]),
                what="the worker (if it had started) to stop")
     page.click(f"#retry-{slow}")
     page.wait_for_url(re.compile(r"/exports$"))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import lane_probe
 import pytest
-from conftest import ROOT, require
+from conftest import ROOT, require, wait_for
 from expected import expected_rows
 from huey.exceptions import HueyException
 from sqlalchemy import update
@@ -31,14 +31,6 @@ REDIS_URL = os.environ.get("REDIS_TEST_URL", "redis://127.0.0.1:6379/3")
 TESTS = Path(__file__).resolve().parent
 
 
-def wait_for(predicate, timeout: float = 30, every: float = 0.05, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture(params=["sqlite", "redis"])

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from urllib.parse import urlsplit
 
 import pytest
 import requests
-from conftest import csrf_from, free_port, query
+from conftest import csrf_from, free_port, query, wait_for
 from mailserver import MailServer, links_in, text_of
 from test_end_to_end import browser_login
 
@@ -34,14 +33,6 @@ def state(web: requests.Session, url: str, job_id: int) -> str:
     return web.get(f"{url}/api/jobs/{job_id}").json()["state"]
 
 
-def wait_until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_reset_email_overtakes_busy_exports_and_every_link_works(stack_factory, smtp):
@@ -75,7 +66,7 @@ def test_reset_email_overtakes_busy_exports_and_every_link_works(stack_factory, 
     }).status_code == 302
     assert anonymous.get(stack.url + path).status_code == 400, "single use"
 
-    wait_until(lambda: all(state(alice, stack.url, j) == "succeeded" for j in jobs), 300,
+    wait_for(lambda: all(state(alice, stack.url, j) == "succeeded" for j in jobs), 300,
                "the exports\n" + stack.log.read_text(errors="replace"))
     for job_id in jobs:
         message = smtp.mailbox.wait_for(lambda m, j=job_id: f"/exports/{j}" in text_of(m), 60)
@@ -96,14 +87,14 @@ def test_smtp_down_email_fails_after_retries_while_the_export_succeeds(stack_fac
                           LANE_CRITICAL_RETRIES="2", LANE_CRITICAL_RETRY_DELAY="0.3")
     alice = browser_login(stack.url, "alice@acme.test")
     job_id = export(alice, stack.url, "orders")
-    wait_until(lambda: state(alice, stack.url, job_id) == "succeeded", 60, "the export")
+    wait_for(lambda: state(alice, stack.url, job_id) == "succeeded", 60, "the export")
 
     def email_row():
         rows = query(stack.database_url, "select state, attempts, error from outbound_emails "
                      "where job_id = :id", id=job_id)
         return tuple(rows[0]) if rows and rows[0][0] == "failed" else None
 
-    _state, attempts, error = wait_until(email_row, 60, "the email to fail for good")
+    _state, attempts, error = wait_for(email_row, 60, "the email to fail for good")
     assert attempts == 3, "the first try and two retries"
     assert "Connection refused" in error
 
