@@ -154,4 +154,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    # SIGTERM as Ctrl-C: unwind, so every consumer this bench started is stopped.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     main()
