@@ -98,10 +98,3 @@ def housekeeping() -> None:
         for email_id in mail.stalled(older_than=timedelta(minutes=5)):
             send_email(email_id)
 
-
-TASKS = {
-    "export": (run_export, lanes.exports),
-    "reconcile": (reconcile, RECONCILE_LANE),
-    "send_email": (send_email, lanes.critical),
-    "housekeeping": (housekeeping, lanes.critical),
-}
