@@ -328,7 +328,7 @@ def run(job_id: int, max_attempts: int) -> None:
     # Stop cleanly at a checkpoint just before the lane's hard timeout (SIGALRM) would strike
     # at a random point; the hard limit stays as the backstop for a stuck query.
     limit = lanes.exports.settings.timeout
-    soft_deadline = time.monotonic() + limit - min(limit * 0.1, 5.0)
+    soft_deadline = time.monotonic() + limit - min(limit * 0.25, 5.0)
     heartbeat = _Heartbeat(current_app._get_current_object(), job.id, claim)
     files = storage()
     try:

@@ -150,8 +150,8 @@ def test_export_attempts_time_out_are_recorded_then_fail(broker, app, instance, 
         job = create_export(find_user("alice@acme.test"), "transactions", "csv", {})
         db.session.commit()
         job_id = job.id
-    # One row per batch makes the export take several times the 0.4 s hard timeout.
-    with consumer("exports", broker, instance, tmp_path / "log", LANE_EXPORTS_TIMEOUT="0.4",
+    # One row per batch makes the export take several times the 0.6 s hard timeout.
+    with consumer("exports", broker, instance, tmp_path / "log", LANE_EXPORTS_TIMEOUT="0.6",
                   LANE_EXPORTS_RETRIES="1", LANE_EXPORTS_RETRY_DELAY="0.1",
                   EXPORT_BATCH_ROWS="1", CHECKPOINT_INTERVAL="0.01"):
         with app.app_context():
