@@ -38,7 +38,7 @@ from webapp.models import (
 )
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
-PAGE = 50
+PAGE = 25  # rows per page, as in Sidekiq's Web UI: a page renders in a few ms
 JOB_STATES = (*JobState.ACTIVE, *JobState.FINISHED)
 EMAIL_STATES = (EmailState.QUEUED, EmailState.SENDING, EmailState.RETRYING, EmailState.SENT,
                 EmailState.FAILED)
@@ -239,6 +239,7 @@ def page_of_rows(where: JobFilter, cursor: Cursor, size: int = PAGE
 
 
 def _render(template: str, status: int = 200, **context):
+    context.update(base=url_for("admin.home"), can_act=current_user.is_admin)
     response = make_response(render_template(template, **context), status)
     response.vary.add("HX-Request")
     return response
