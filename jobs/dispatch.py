@@ -1,5 +1,5 @@
 """The web app's only door into the lanes: submit and email after commit, cancel, retry,
-reconcile."""
+reconcile, pause and resume a lane, and lane health."""
 
 from __future__ import annotations
 
@@ -147,10 +147,11 @@ def cancel(job: ExportJob) -> None:
     log.info("job %s cancelled", job.id)
 
 
-def retry(job: ExportJob) -> None:
+def retry(job: ExportJob, from_scratch: bool = False) -> None:
     """Put a failed or cancelled job back on its lane (after the caller commits).
 
-    It resumes from its checkpoint when the part file is still there, else starts over.
+    It resumes from its checkpoint when the part file is still there, else starts over;
+    `from_scratch` starts over anyway (the part file is removed).
     A cancelled job whose worker has not yet reached a checkpoint is still writing: refuse
     until it has stopped, so two workers never write the same part file.
     """
@@ -165,10 +166,52 @@ def retry(job: ExportJob) -> None:
     values: dict = dict(state=JobState.QUEUED, error=None, started_at=utcnow(), finished_at=None,
                         claimed_by=None, lease_expires_at=None, enqueued_at=None)
     part = storage().part_size(job.id, job.format)
-    if part is None or part < Checkpoint.from_json(job.checkpoint).bytes:
+    if from_scratch or part is None or part < Checkpoint.from_json(job.checkpoint).bytes:
         values.update(checkpoint=None, rows_done=0, bytes=0)
     if not _move(job, RETRYABLE, **values):
         raise WrongState(f"Export #{job.id} is {job.state}: only failed or cancelled exports "
                          "can be retried.")
+    if from_scratch:  # no worker holds it (checked above), so the part file is ours to remove
+        storage().discard_part(job.id, job.format)
     submit(job)
     log.info("job %s retried from row %s", job.id, job.rows_done)
+
+
+def _lane(name: str):
+    from jobs.lanes import LANES
+
+    if name not in LANES:
+        raise KeyError(name)
+    return LANES[name]
+
+
+def pause(lane: str) -> None:
+    """Its consumers take nothing new (running tasks finish); queued work waits."""
+    _lane(lane).pause()
+    log.info("lane %s paused", lane)
+
+
+def resume(lane: str) -> None:
+    _lane(lane).resume()
+    log.info("lane %s resumed", lane)
+
+
+def paused(lane: str) -> bool:
+    return _lane(lane).paused
+
+
+def lane_health() -> list[dict]:
+    """Every lane's health: the one read the admin pages, /api/lanes and /metrics share.
+
+    Each is Lane.health() (depth, oldest_wait, running, consumers, workers, completed_5m,
+    failed_5m) plus `paused` and `minutes`: [minute, completed, failed] for the last hour.
+    """
+    from jobs.lanes import LANES
+
+    report = []
+    for lane in LANES.values():
+        health = lane.health()
+        health["paused"] = lane.paused
+        health["minutes"] = [list(m) for m in lane.minutes(60)]
+        report.append(health)
+    return report

@@ -16,6 +16,7 @@ from pathlib import Path
 from huey import Huey, crontab  # noqa: F401 (crontab: for periodic tasks)
 from huey import signals as S
 from huey.api import TaskWrapper
+from huey.constants import EmptyData
 from huey.consumer import Consumer, ForkSafeFlag, Scheduler
 from huey.storage import BaseStorage, RedisStorage, SqliteStorage
 from redis import ConnectionPool
@@ -73,6 +74,7 @@ class UnconfiguredStorage(BaseStorage):
 # Keys of the lane's own ledger, kept in its storage beside the queue (see `health`).
 ENQUEUED, RUNNING, CONSUMER = "ledger:enqueued:", "ledger:running:", "ledger:consumer:"
 PERIODIC = "ledger:periodic:"
+PAUSED = "ledger:paused"
 HEARTBEAT_SECONDS = 2.0
 _stop_flag: ForkSafeFlag | None = None
 
@@ -194,6 +196,46 @@ class Lane(Huey):
         if not self.immediate and not task.eta:
             self.storage.put_data(ENQUEUED + task.id, repr(time.time()).encode())
         return result
+
+    @property
+    def paused(self) -> bool:
+        """Set by an admin (jobs.dispatch.pause): the lane's consumers take nothing new."""
+        return self.storage.peek_data(PAUSED) is not EmptyData
+
+    def pause(self) -> None:
+        self.storage.put_data(PAUSED, b"1")
+
+    def resume(self) -> None:
+        self.storage.delete_data(PAUSED)
+
+    def dequeue(self):
+        """The next task, or None while the lane is paused (queued work waits in the queue)."""
+        if self.paused:
+            return None
+        return super().dequeue()
+
+    def minutes(self, count: int = 60) -> list[tuple[int, int, int]]:
+        """(minute, completed, failed) for the last `count` minutes, oldest first.
+
+        Read in one query where the storage allows it: `incr(key, 0)` per minute would be a
+        write transaction each on SQLite.
+        """
+        last = _minute(time.time())
+        span = range(last - count + 1, last + 1)
+        keys = [f"ledger:{kind}:{m}" for m in span for kind in ("completed", "failed")]
+        storage = self.storage
+        if isinstance(storage, SqliteStorage):
+            marks = ",".join("?" * len(keys))
+            rows = storage.sql(f"select key, value from counter where queue = ? and key in "
+                               f"({marks})", (self.name, *keys), results=True)
+            values = {key: int(value) for key, value in rows}
+        elif isinstance(storage, RedisStorage):
+            found = storage.conn.hmget(storage.counter_key, keys)
+            values = {k: int(v) for k, v in zip(keys, found, strict=True) if v is not None}
+        else:
+            values = {key: storage.incr(key, 0) for key in keys}
+        return [(m, values.get(f"ledger:completed:{m}", 0), values.get(f"ledger:failed:{m}", 0))
+                for m in span]
 
     def execute(self, task, timestamp=None):
         """Run a task under this lane's hard timeout, whatever timeout its message carries."""

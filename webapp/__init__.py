@@ -56,12 +56,14 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     lanes.configure(app.config["BROKER_URL"], Path(app.instance_path))
 
-    from webapp import api, auth, cli, exports, links
+    from webapp import admin, api, auth, cli, exports, links, ops
 
     app.register_blueprint(auth.bp)
     app.register_blueprint(exports.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(links.bp)
+    app.register_blueprint(admin.bp)
+    app.register_blueprint(ops.bp)
     cli.init_app(app)
     _register_error_pages(app)
     return app

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from flask import Blueprint, jsonify, request, url_for
+from flask import Blueprint, abort, jsonify, request, url_for
 from flask_login import current_user, login_required
+from sqlalchemy import select
 
 from jobs import dispatch
 from jobs.datasets import InvalidParams
 from webapp.exports import IdempotencyConflict, TooManyExports, job_for, request_export
 from webapp.models import ExportJob, db
+
+PAGE = 50
 
 bp = Blueprint("api", __name__, url_prefix="/api")
 MAX_KEY = 200
@@ -64,6 +67,40 @@ def create_export_job():
         return jsonify(error="this Idempotency-Key was already used for a different export"), 422
     db.session.commit()
     return jsonify(job_json(job)), 202, {"Location": url_for("api.get_job", job_id=job.id)}
+
+
+@bp.get("/jobs")
+@login_required
+def list_jobs():
+    """My jobs, newest first (admins and viewers: everyone's, with the admin list's filters);
+    `?before=<id>` pages on, as the `next` link says."""
+    from webapp.admin import JobFilter
+
+    where = JobFilter.from_args(request.args) if current_user.is_staff else JobFilter()
+    conditions = where.job_conditions()
+    if conditions is None:
+        return jsonify(jobs=[], next=None)
+    if not current_user.is_staff:
+        conditions.append(ExportJob.user_id == current_user.id)
+    before = request.args.get("before", "")
+    if before.isdigit():
+        conditions.append(ExportJob.id < int(before))
+    jobs = db.session.scalars(select(ExportJob).where(*conditions)
+                              .order_by(ExportJob.id.desc()).limit(PAGE + 1)).all()
+    following = None
+    if len(jobs) > PAGE:
+        jobs = jobs[:PAGE]
+        following = url_for("api.list_jobs", **where.args(), before=jobs[-1].id)
+    return jsonify(jobs=[job_json(job) for job in jobs], next=following)
+
+
+@bp.get("/lanes")
+@login_required
+def lanes():
+    """Each lane's health, as the admin lanes page shows it (admins and viewers)."""
+    if not current_user.is_staff:
+        abort(403, "Lane health is for admins and viewers.")
+    return jsonify(lanes=dispatch.lane_health())
 
 
 @bp.get("/jobs/<int:job_id>")

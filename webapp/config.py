@@ -60,6 +60,8 @@ def load() -> dict:
         # The reconciler sends a queued job the lane never got once it is this old.
         "RECONCILE_GRACE": _seconds("RECONCILE_GRACE", 10),
         "IDEMPOTENCY_TTL": timedelta(hours=24),
+        # The admin lanes page flags the critical lane when its oldest task waits longer.
+        "CRITICAL_SLA_SECONDS": _seconds("CRITICAL_SLA_SECONDS", 5),
         "SMTP_URL": os.environ.get("SMTP_URL", ""),
         "MAIL_FROM": os.environ.get("MAIL_FROM", "exportdesk <exportdesk@localhost>"),
         "BASE_URL": os.environ.get("BASE_URL", "http://127.0.0.1:5000").rstrip("/"),

@@ -78,6 +78,11 @@ class User(UserMixin, db.Model):
     def is_admin(self) -> bool:
         return self.role == "admin"
 
+    @property
+    def is_staff(self) -> bool:
+        """Admins and viewers: both see the admin console; only admins act in it."""
+        return self.role in ("admin", "viewer")
+
     def set_password(self, password: str) -> None:
         self.password_hash = generate_password_hash(password)
 
@@ -104,8 +109,15 @@ class ExportJob(db.Model):
     """The source of truth for an export: the queue message only carries this row's id."""
 
     __tablename__ = "export_jobs"
-    __table_args__ = (Index("ix_export_jobs_user_id_idempotency_key", "user_id",
-                            "idempotency_key"),)
+    __table_args__ = (
+        Index("ix_export_jobs_user_id_idempotency_key", "user_id", "idempotency_key"),
+        # The admin list pages newest first (id descending) under one filter at a time.
+        Index("ix_export_jobs_state_id", "state", "id"),
+        Index("ix_export_jobs_lane_id", "lane", "id"),
+        Index("ix_export_jobs_dataset_id", "dataset", "id"),
+        Index("ix_export_jobs_user_id_id", "user_id", "id"),
+        Index("ix_export_jobs_created_at", "created_at"),
+    )
     id: Mapped[int] = mapped_column(primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
     org_id: Mapped[int] = mapped_column(ForeignKey("organisations.id"))
@@ -183,6 +195,7 @@ class OutboundEmail(db.Model):
     """An email to send, recorded before it is sent: the unique key makes sending idempotent."""
 
     __tablename__ = "outbound_emails"
+    __table_args__ = (Index("ix_outbound_emails_to_address", "to_address"),)
     id: Mapped[int] = mapped_column(primary_key=True)
     key: Mapped[str] = mapped_column(String(200), unique=True)
     kind: Mapped[str] = mapped_column(String(40))
@@ -199,6 +212,21 @@ class OutboundEmail(db.Model):
     )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class AdminAction(db.Model):
+    """The audit log: every action an admin takes, on a job or on a lane."""
+
+    __tablename__ = "admin_actions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    action: Mapped[str] = mapped_column(String(40))
+    job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("export_jobs.id", ondelete="SET NULL"), index=True, default=None)
+    lane: Mapped[str | None] = mapped_column(String(20), default=None)
+    detail: Mapped[str] = mapped_column(Text, default="")
+    user: Mapped[User] = relationship()
 
 
 class Transaction(db.Model):

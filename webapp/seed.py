@@ -16,6 +16,7 @@ USERS = [
     ("alice@acme.test", "acme", "user"),
     ("bob@globex.test", "globex", "user"),
     ("admin@exportdesk.test", "exportdesk", "admin"),
+    ("viewer@exportdesk.test", "exportdesk", "viewer"),
 ]
 # Text that breaks naive exporters: separators, quotes, line breaks, non-ASCII, formulas.
 TRICKY_TEXT = [

@@ -1,0 +1,62 @@
+"""The admin console in headless Chromium against `flask dev`: a running export's row shows
+live progress, then an admin cancels it from its page and retries it."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from test_browser import (  # noqa: F401 (browser, shots: fixtures)
+    ROWS,
+    browser,
+    job_row,
+    log_in,
+    open_page,
+    shots,
+    slow_exports,
+    snap,
+    start_export,
+    wait_until,
+)
+
+pytestmark = pytest.mark.integration
+
+
+def test_admin_sees_live_progress_cancels_a_running_export_then_retries_it(
+        browser, stack_factory, shots):  # noqa: F811
+    stack = stack_factory(rows=ROWS, **slow_exports(1))
+    owner = open_page(browser, stack)
+    log_in(owner)
+    job_id = start_export(owner, "transactions")
+
+    page = open_page(browser, stack, width=1200)
+    log_in(page, "admin@exportdesk.test")
+    page.goto("/admin/jobs")
+    row = page.locator(f"#job-row-{job_id}")
+    row.locator(".badge", has_text="running").wait_for()
+    bar = row.locator("[role=progressbar]")
+    first = float(bar.get_attribute("aria-valuenow"))
+    page.wait_for_function(  # the row refreshes itself: no reload
+        f"() => parseFloat(document.querySelector('#job-row-{job_id} [role=progressbar]')"
+        f"?.getAttribute('aria-valuenow')) > {first}")
+    snap(page, shots / "admin-jobs.png")
+
+    row.locator(f"a[href$='/admin/jobs/{job_id}']").click()
+    page.wait_for_url(re.compile(rf"/admin/jobs/{job_id}$"))
+    page.click("#admin-cancel")
+    page.locator("h1 .badge", has_text="cancelled").wait_for()
+    job = wait_until(lambda: (j := job_row(stack, job_id))["attempts"][-1]["finished_at"] and j,
+                     what="the worker to stop")
+    assert job["state"] == "cancelled" and job["attempts"][-1]["outcome"] == "cancelled"
+
+    page.reload()
+    page.click("#admin-retry")
+    page.locator("h1 .badge", has_text=re.compile("queued|running")).wait_for()
+    wait_until(lambda: job_row(stack, job_id)["state"] == "running", what="the retry to run")
+    audit = page.locator("#audit tbody tr")
+    assert audit.count() == 2
+    assert "cancel" in audit.nth(0).inner_text() and "retry" in audit.nth(1).inner_text()
+    snap(page, shots / "admin-job.png")
+    page.goto("/admin/lanes")
+    page.locator("#lane-exports svg").wait_for()
+    snap(page, shots / "admin-lanes.png")

@@ -1,0 +1,428 @@
+"""The admin console: every job of every lane, cancel and retry (one or in bulk), lane health."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from datetime import date, datetime, timedelta
+
+from flask import (
+    Blueprint,
+    abort,
+    current_app,
+    flash,
+    make_response,
+    redirect,
+    render_template,
+    request,
+    url_for,
+)
+from flask_login import current_user, login_required
+from sqlalchemy import Text, cast, func, select
+from werkzeug.datastructures import MultiDict
+
+from jobs import dispatch, retention
+from jobs.datasets import DATASETS
+from jobs.engine import storage
+from jobs.lanes import LANES
+from webapp.auth import find_user
+from webapp.models import (
+    AdminAction,
+    EmailState,
+    ExportJob,
+    JobState,
+    OutboundEmail,
+    User,
+    db,
+)
+
+bp = Blueprint("admin", __name__, url_prefix="/admin")
+PAGE = 25  # rows per page, as in Sidekiq's Web UI: a page renders in a few ms
+JOB_STATES = (*JobState.ACTIVE, *JobState.FINISHED)
+EMAIL_STATES = (EmailState.QUEUED, EmailState.SENDING, EmailState.RETRYING, EmailState.SENT,
+                EmailState.FAILED)
+ACTIONS = {"cancel": (dispatch.CANCELLABLE, "cancelled"),
+           "retry": (dispatch.RETRYABLE, "retried")}
+
+
+def staff_required(view: Callable) -> Callable:
+    """Admins and viewers may look; anyone else gets 403."""
+
+    @functools.wraps(view)
+    @login_required
+    def wrapped(*args, **kwargs):
+        if not current_user.is_staff:
+            abort(403, "The admin console is for admins and viewers.")
+        return view(*args, **kwargs)
+
+    return wrapped
+
+
+def admin_required(view: Callable) -> Callable:
+    """Only admins act; a viewer gets 403."""
+
+    @functools.wraps(view)
+    @login_required
+    def wrapped(*args, **kwargs):
+        if not current_user.is_admin:
+            abort(403, "Only admins can do this; your role can only look.")
+        return view(*args, **kwargs)
+
+    return wrapped
+
+
+def _date(raw: str | None) -> date | None:
+    try:
+        return date.fromisoformat(raw) if raw else None
+    except ValueError:
+        return None
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """What the admin list shows: unknown or malformed values are dropped, never a 500."""
+
+    state: str = ""
+    lane: str = ""
+    dataset: str = ""
+    user: str = ""
+    date_from: date | None = None
+    date_to: date | None = None
+    q: str = ""
+
+    @classmethod
+    def from_args(cls, args: MultiDict) -> JobFilter:
+        def pick(name: str, allowed) -> str:
+            value = (args.get(name) or "").strip()
+            return value if value in allowed else ""
+
+        return cls(
+            state=pick("state", (*JOB_STATES, *EMAIL_STATES)),
+            lane=pick("lane", LANES),
+            dataset=pick("dataset", DATASETS),
+            user=(args.get("user") or "").strip()[:254],
+            date_from=_date(args.get("date_from")),
+            date_to=_date(args.get("date_to")),
+            q=(args.get("q") or "").strip()[:200],
+        )
+
+    def args(self) -> dict[str, str]:
+        """The filter as query arguments (only those set), for links and hidden fields."""
+        return {k: (v.isoformat() if isinstance(v, date) else v)
+                for k, v in asdict(self).items() if v}
+
+    def _owner(self, email: str) -> User | None:
+        return find_user(email) if email else None
+
+    def job_conditions(self) -> list | None:
+        """WHERE clauses over export_jobs; None when no export job can match."""
+        where: list = []
+        if self.state:
+            if self.state not in JOB_STATES:
+                return None
+            where.append(ExportJob.state == self.state)
+        if self.lane:
+            where.append(ExportJob.lane == self.lane)
+        if self.dataset:
+            where.append(ExportJob.dataset == self.dataset)
+        for email in (self.user, self.q if "@" in self.q else ""):
+            if email:
+                owner = self._owner(email)
+                if owner is None:
+                    return None
+                where.append(ExportJob.user_id == owner.id)
+        if self.date_from:
+            where.append(ExportJob.created_at >= datetime.combine(self.date_from,
+                                                                  datetime.min.time()))
+        if self.date_to:
+            where.append(ExportJob.created_at < datetime.combine(
+                self.date_to + timedelta(days=1), datetime.min.time()))
+        if self.q and "@" not in self.q:
+            number = self.q.removeprefix("#")
+            if number.isdigit():
+                where.append(ExportJob.id == int(number))
+            else:
+                where.append(cast(ExportJob.params, Text).like(f"%{_escape(self.q)}%",
+                                                                escape="\\"))
+        return where
+
+    def email_conditions(self) -> list | None:
+        """WHERE clauses over outbound_emails (the critical lane's email tasks), or None."""
+        if self.dataset or self.lane not in ("", "critical"):
+            return None
+        where: list = []
+        if self.state:
+            if self.state not in EMAIL_STATES:
+                return None
+            where.append(OutboundEmail.state == self.state)
+        for email in (self.user, self.q if "@" in self.q else ""):
+            if email:
+                owner = self._owner(email)
+                where.append(OutboundEmail.to_address == (owner.email if owner else email))
+        if self.date_from:
+            where.append(OutboundEmail.created_at >= datetime.combine(self.date_from,
+                                                                      datetime.min.time()))
+        if self.date_to:
+            where.append(OutboundEmail.created_at < datetime.combine(
+                self.date_to + timedelta(days=1), datetime.min.time()))
+        if self.q and "@" not in self.q:
+            number = self.q.removeprefix("#")
+            if number.isdigit():
+                where.append(OutboundEmail.job_id == int(number))
+            else:
+                where.append(OutboundEmail.subject.like(f"%{_escape(self.q)}%", escape="\\"))
+        return where
+
+
+def _escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the admin list: an export job or an email task of the critical lane."""
+
+    kind: str  # "job" or "email"
+    item: ExportJob | OutboundEmail
+    owner: str
+
+    @property
+    def created_at(self) -> datetime:
+        return self.item.created_at
+
+
+@dataclass(frozen=True)
+class Cursor:
+    """Keyset position: the last export job id and the last email id shown (None: from the top).
+
+    Both streams are read newest first by id; a page merges them by creation time."""
+
+    job: int | None = None
+    email: int | None = None
+
+    @classmethod
+    def parse(cls, raw: str | None) -> Cursor:
+        job, _, email = (raw or "").partition(".")
+        return cls(int(job) if job.isdigit() else None, int(email) if email.isdigit() else None)
+
+    def __str__(self) -> str:
+        return f"{self.job or ''}.{self.email or ''}"
+
+
+def page_of_rows(where: JobFilter, cursor: Cursor, size: int = PAGE
+                 ) -> tuple[list[Row], Cursor | None]:
+    """One page of the list, newest first, and the cursor of the next page (None: the last)."""
+    candidates: list[Row] = []
+    job_where = where.job_conditions()
+    if job_where is not None:
+        if cursor.job is not None:
+            job_where.append(ExportJob.id < cursor.job)
+        query = (select(ExportJob, User.email).join(User, User.id == ExportJob.user_id)
+                 .where(*job_where).order_by(ExportJob.id.desc()).limit(size + 1))
+        candidates += [Row("job", job, email) for job, email in db.session.execute(query)]
+    email_where = where.email_conditions()
+    if email_where is not None:
+        if cursor.email is not None:
+            email_where.append(OutboundEmail.id < cursor.email)
+        query = (select(OutboundEmail).where(*email_where)
+                 .order_by(OutboundEmail.id.desc()).limit(size + 1))
+        candidates += [Row("email", e, e.to_address) for e in db.session.scalars(query)]
+    candidates.sort(key=lambda r: (r.created_at, r.item.id), reverse=True)
+    rows = candidates[:size]
+    if len(candidates) <= size:
+        return rows, None
+    jobs = [r.item.id for r in rows if r.kind == "job"]
+    emails = [r.item.id for r in rows if r.kind == "email"]
+    return rows, Cursor(min(jobs) if jobs else cursor.job,
+                        min(emails) if emails else cursor.email)
+
+
+def _render(template: str, status: int = 200, **context):
+    context.update(base=url_for("admin.home"), can_act=current_user.is_admin)
+    response = make_response(render_template(template, **context), status)
+    response.vary.add("HX-Request")
+    return response
+
+
+@bp.get("/")
+@staff_required
+def home():
+    return redirect(url_for("admin.jobs"))
+
+
+@bp.get("/jobs")
+@staff_required
+def jobs():
+    where = JobFilter.from_args(request.args)
+    rows, after = page_of_rows(where, Cursor.parse(request.args.get("after")))
+    return _render("admin/jobs.html", rows=rows, where=where, after=after,
+                   paged=bool(request.args.get("after")), states=(*JOB_STATES, *EMAIL_STATES),
+                   lanes=LANES, datasets=DATASETS)
+
+
+def _job(job_id: int) -> ExportJob:
+    job = db.session.get(ExportJob, job_id)
+    if job is None:
+        abort(404)
+    return job
+
+
+@bp.get("/jobs/<int:job_id>/row")
+@staff_required
+def job_row(job_id: int):
+    """The live row of the list: it polls while the job is active, then stops."""
+    job = _job(job_id)
+    return _render("admin/_row.html", row=Row("job", job, job.user.email))
+
+
+@bp.get("/jobs/<int:job_id>")
+@staff_required
+def job(job_id: int):
+    job = _job(job_id)
+    emails = db.session.scalars(select(OutboundEmail).where(OutboundEmail.job_id == job.id)
+                                .order_by(OutboundEmail.id)).all()
+    actions = db.session.scalars(select(AdminAction).where(AdminAction.job_id == job.id)
+                                 .order_by(AdminAction.id)).all()
+    files = storage()
+    file_size = files.size(job.file_name) if job.file_name and files.exists(job.file_name) \
+        else None
+    return _render("admin/job.html", job=job, emails=emails, actions=actions,
+                   file_size=file_size, part_size=files.part_size(job.id, job.format))
+
+
+@bp.get("/emails/<int:email_id>")
+@staff_required
+def email(email_id: int):
+    email = db.session.get(OutboundEmail, email_id)
+    if email is None:
+        abort(404)
+    return _render("admin/email.html", email=email)
+
+
+def audit(action: str, job_id: int | None = None, lane: str | None = None,
+          detail: str = "") -> None:
+    """Record an admin action in the audit log (the caller commits)."""
+    db.session.add(AdminAction(user_id=current_user.id, action=action, job_id=job_id,
+                               lane=lane, detail=detail))
+
+
+def act(job: ExportJob, action: str, from_scratch: bool = False) -> None:
+    """Cancel or retry one job and write it to the audit log; raises dispatch.WrongState."""
+    before = job.state
+    if action == "cancel":
+        dispatch.cancel(job)
+    else:
+        dispatch.retry(job, from_scratch=from_scratch)
+    name = "retry_from_scratch" if action == "retry" and from_scratch else action
+    audit(name, job_id=job.id, detail=f"{before} -> {job.state}")
+
+
+@bp.post("/jobs/<int:job_id>/<any(cancel, retry):action>")
+@admin_required
+def change(job_id: int, action: str):
+    job = _job(job_id)
+    try:
+        act(job, action, from_scratch=request.form.get("from_scratch") == "1")
+    except dispatch.WrongState as exc:
+        db.session.rollback()
+        return render_template("error.html", status=409, message=str(exc)), 409
+    db.session.commit()
+    flash(f"Export #{job.id} {ACTIONS[action][1]}.", "info")
+    return redirect(url_for("admin.job", job_id=job.id), code=303)
+
+
+def _matching_ids(where: JobFilter, action: str) -> Iterator[list[int]]:
+    """Ids of the export jobs the filter matches that the action applies to, in chunks."""
+    conditions = where.job_conditions()
+    if conditions is None:
+        return
+    allowed = ACTIONS[action][0]
+    last = None
+    while True:
+        query = select(ExportJob.id).where(*conditions, ExportJob.state.in_(allowed))
+        if last is not None:
+            query = query.where(ExportJob.id < last)
+        chunk = db.session.scalars(query.order_by(ExportJob.id.desc()).limit(500)).all()
+        if not chunk:
+            return
+        yield list(chunk)
+        last = chunk[-1]
+
+
+def _count_matching(where: JobFilter, action: str) -> int:
+    conditions = where.job_conditions()
+    if conditions is None:
+        return 0
+    return db.session.scalar(select(func.count()).select_from(ExportJob).where(
+        *conditions, ExportJob.state.in_(ACTIONS[action][0])))
+
+
+@bp.get("/jobs/bulk")
+@staff_required
+def confirm_bulk():
+    """Before acting on everything a filter matches: say how many jobs that is."""
+    action = request.args.get("action")
+    if action not in ACTIONS:
+        abort(404)
+    where = JobFilter.from_args(request.args)
+    return _render("admin/confirm_bulk.html", action=action, where=where,
+                   count=_count_matching(where, action))
+
+
+@bp.post("/jobs/bulk")
+@admin_required
+def bulk():
+    """Cancel or retry the selected jobs, or (scope=filter) every job the filter matches."""
+    form = request.form
+    action = form.get("action")
+    if action not in ACTIONS:
+        abort(400, "Choose cancel or retry.")
+    where = JobFilter.from_args(form)
+    if form.get("scope") == "filter":
+        chunks: Iterator[list[int]] = _matching_ids(where, action)
+    else:
+        chunks = iter([[int(i) for i in form.getlist("ids") if i.isdigit()][:1000]])
+    done, skipped = 0, []
+    for chunk in chunks:
+        for job_id in chunk:
+            job = db.session.get(ExportJob, job_id)
+            if job is None:
+                continue
+            try:
+                act(job, action, from_scratch=form.get("from_scratch") == "1")
+            except dispatch.WrongState:
+                db.session.rollback()
+                skipped.append(job_id)
+                continue
+            db.session.commit()
+            done += 1
+    current_app.logger.info("bulk %s by user %s: %d done, %d skipped", action,
+                            current_user.id, done, len(skipped))
+    message = f"{ACTIONS[action][1].capitalize()} {done} export(s)."
+    if skipped:
+        shown = ", ".join(f"#{i}" for i in skipped[:10])
+        message += f" Skipped {len(skipped)} not in a state for it ({shown})."
+    flash(message, "info")
+    return redirect(url_for("admin.jobs", **where.args()), code=303)
+
+
+@bp.get("/lanes")
+@staff_required
+def lanes():
+    template = "admin/_lanes.html" if request.headers.get("HX-Request") == "true" \
+        else "admin/lanes.html"
+    return _render(template, health=dispatch.lane_health(), disk=retention.bytes_used(),
+                   sla=current_app.config["CRITICAL_SLA_SECONDS"])
+
+
+@bp.post("/lanes/<name>/<any(pause, resume):action>")
+@admin_required
+def lane_action(name: str, action: str):
+    if name not in LANES:
+        abort(404)
+    (dispatch.pause if action == "pause" else dispatch.resume)(name)
+    audit(action, lane=name)
+    db.session.commit()
+    flash(f"Lane {name} {action}d.", "info")
+    return redirect(url_for("admin.lanes"), code=303)
