@@ -29,7 +29,7 @@ from webapp import emails
 from webapp.models import ExportJob, JobAttempt, JobState, User, db, locked, utcnow
 
 MIME_TYPES = {
-    "csv": "text/csv; charset=utf-8",
+    "csv": "text/csv",  # Flask adds "; charset=utf-8" to text types
     "csv.gz": "application/gzip",
     "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
 }
