@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import os
 import signal
 import socket
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
@@ -21,12 +23,18 @@ from sqlalchemy import Connection, func, select, update
 from sqlalchemy import exc as sa_exc
 
 from jobs import lanes
-from jobs.datasets import DATASETS, Dataset, InvalidParams
+from jobs.datasets import DATASETS, FORMULA_PREFIXES, Dataset, InvalidParams
 from jobs.storage import LocalStorage
 from webapp import emails
 from webapp.models import ExportJob, JobAttempt, JobState, User, db, locked, utcnow
 
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
+MIME_TYPES = {
+    "csv": "text/csv",  # Flask adds "; charset=utf-8" to text types
+    "csv.gz": "application/gzip",
+    "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+}
+XLSX_MAX_ROWS = 1_048_575  # Excel's sheet limit, less the header row
+RESUMABLE = {"csv", "csv.gz"}  # xlsx is one zip written at the end: it restarts from zero
 
 
 def neutralise(text: str) -> str:
@@ -52,6 +60,13 @@ FORMATTERS: dict[str, Callable] = {
     "datetime": _format_datetime,
     "text": _format_text,
 }
+# Typed cells for xlsx: numbers stay numbers (negative amounts included), dates stay dates.
+XLSX_CELLS: dict[str, Callable] = {
+    "int": int,
+    "money": float,
+    "datetime": lambda v: v,
+    "text": _format_text,
+}
 
 
 @dataclass
@@ -71,6 +86,10 @@ class Cancelled(Exception):
     """The job was cancelled while it ran: stop between batches."""
 
 
+class TooManyRows(ValueError):
+    """The export does not fit the chosen format (xlsx holds about a million rows)."""
+
+
 def stream(
     conn: Connection,
     dataset: Dataset,
@@ -81,42 +100,60 @@ def stream(
     on_checkpoint: Callable[[Checkpoint], None],
     batch_rows: int = 5000,
     interval: float = 0.5,
+    fmt: str = "csv",
+    bom: bool = False,
 ) -> Checkpoint:
-    """Write the dataset as CSV to `out` from `start`; call on_checkpoint a few times a second.
+    """Write the dataset in `fmt` to `out` from `start`; call on_checkpoint a few times a second.
 
     `out` must already hold exactly `start.bytes` good bytes. A checkpoint is reported only
     after the bytes it counts are flushed and fsynced, so a resume from it is byte-identical.
+    csv.gz closes a gzip member at every checkpoint (concatenated members are one valid gzip
+    stream), so it can be cut back to a checkpoint like csv. xlsx always starts from zero.
     """
+    if fmt == "xlsx":
+        return _stream_xlsx(conn, dataset, org_id, params, out, on_checkpoint, batch_rows,
+                            interval)
+    if fmt not in RESUMABLE:
+        raise InvalidParams({"format": f"unknown format {fmt!r}"})
     position = Checkpoint(start.last_key, start.rows, start.bytes)
-    formatters = [FORMATTERS[c.kind] for c in dataset.columns]
+    dialect = conn.dialect.name
     key_index = dataset.column_names.index(dataset.key)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
+    gzip_member: list = []  # the open member's compressor, if any
 
     def emit() -> None:
         data = buffer.getvalue().encode("utf-8")
         buffer.seek(0)
         buffer.truncate()
+        if fmt == "csv.gz":
+            if not gzip_member:
+                gzip_member.append(zlib.compressobj(6, zlib.DEFLATED, 31))  # 31: gzip framing
+            data = gzip_member[0].compress(data)
         out.write(data)
         position.bytes += len(data)
 
     def checkpoint() -> None:
+        if gzip_member:
+            tail = gzip_member.pop().flush()
+            out.write(tail)
+            position.bytes += len(tail)
         out.flush()
         os.fsync(out.fileno())
         on_checkpoint(Checkpoint(position.last_key, position.rows, position.bytes))
 
     if position.bytes == 0:
+        if bom:
+            buffer.write("\ufeff")
         writer.writerow(dataset.column_names)
         emit()
     last_checkpoint = time.monotonic()
     while True:
-        rows = conn.execute(dataset.batch(org_id, params, position.last_key, batch_rows)).all()
+        stmt = dataset.text_batch(org_id, params, position.last_key, batch_rows, dialect)
+        rows = conn.execute(stmt).all()
         if not rows:
             break
-        writer.writerows(
-            [fmt(v) if v is not None else "" for fmt, v in zip(formatters, row, strict=True)]
-            for row in rows
-        )
+        writer.writerows(rows)
         emit()
         position.rows += len(rows)
         position.last_key = rows[-1][key_index]
@@ -124,6 +161,53 @@ def stream(
             checkpoint()
             last_checkpoint = time.monotonic()
     checkpoint()
+    return position
+
+
+def _stream_xlsx(conn: Connection, dataset: Dataset, org_id: int, params: dict[str, str],
+                 out: BinaryIO, on_checkpoint: Callable[[Checkpoint], None], batch_rows: int,
+                 interval: float) -> Checkpoint:
+    """One sheet with typed cells, in XlsxWriter's constant_memory mode (rows go to a temp
+    file as they come; the zip is written at the end). Checkpoints report progress only."""
+    import xlsxwriter
+
+    book = xlsxwriter.Workbook(out, {
+        "constant_memory": True, "strings_to_formulas": False, "strings_to_numbers": False,
+        "strings_to_urls": False, "default_date_format": "yyyy-mm-dd hh:mm:ss",
+    })
+    sheet = book.add_worksheet(dataset.name[:31])
+    money = book.add_format({"num_format": "0.00"})
+    for i, column in enumerate(dataset.columns):
+        if column.kind == "money":
+            sheet.set_column(i, i, 12, money)
+        elif column.kind == "datetime":
+            sheet.set_column(i, i, 19)
+    sheet.write_row(0, 0, dataset.column_names)
+    cells = [XLSX_CELLS[c.kind] for c in dataset.columns]
+    key_index = dataset.column_names.index(dataset.key)
+    position = Checkpoint()
+    last_checkpoint = time.monotonic()
+    while True:
+        rows = conn.execute(dataset.batch(org_id, params, position.last_key, batch_rows)).all()
+        if not rows:
+            break
+        if position.rows + len(rows) > XLSX_MAX_ROWS:
+            book.close()
+            raise TooManyRows(f"An xlsx sheet holds at most {XLSX_MAX_ROWS:,} rows; "
+                              "choose csv or csv.gz, or narrow the filters.")
+        for n, row in enumerate(rows, start=position.rows + 1):
+            sheet.write_row(n, 0, [cell(v) if v is not None else None
+                                   for cell, v in zip(cells, row, strict=True)])
+        position.rows += len(rows)
+        position.last_key = rows[-1][key_index]
+        if time.monotonic() - last_checkpoint >= interval:
+            on_checkpoint(Checkpoint(position.last_key, position.rows, 0))
+            last_checkpoint = time.monotonic()
+    book.close()
+    out.flush()
+    os.fsync(out.fileno())
+    position.bytes = out.tell()
+    on_checkpoint(Checkpoint(position.last_key, position.rows, position.bytes))
     return position
 
 
@@ -162,8 +246,12 @@ TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO,
+                  errno.ENOTDIR, errno.EISDIR}
+
+
 def is_permanent(exc: BaseException) -> bool:
-    return isinstance(exc, InvalidParams | PermanentFailure)
+    return isinstance(exc, InvalidParams | PermanentFailure | TooManyRows)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -177,8 +265,11 @@ def reason(exc: BaseException) -> str:
     first = (str(exc).strip().splitlines() or [""])[0][:300]
     if isinstance(exc, InvalidParams):
         return f"Invalid parameters: {first}"
-    if isinstance(exc, PermanentFailure):
+    if isinstance(exc, PermanentFailure | TooManyRows):
         return first
+    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"Storage error: {os.strerror(exc.errno)}{where}"
     if isinstance(exc, TaskTimeout):
         return f"TaskTimeout: the attempt ran past the lane's hard limit ({first})"
     if is_transient(exc):
@@ -351,10 +442,13 @@ def run(job_id: int, max_attempts: int) -> None:
                     raise TaskTimeout(f"timeout ({limit}s)")
 
             start = Checkpoint.from_json(job.checkpoint)
+            if job.format not in RESUMABLE:
+                start = Checkpoint()
             with files.open_part(job.id, job.format, start.bytes) as out:
                 stream(conn, dataset, job.org_id, params, out, start, on_checkpoint,
                        current_app.config["EXPORT_BATCH_ROWS"],
-                       current_app.config["CHECKPOINT_INTERVAL"])
+                       current_app.config["CHECKPOINT_INTERVAL"], job.format,
+                       current_app.config["CSV_BOM"])
         _disarm_hard_timeout()  # the rest is short and must not be cut in half
         # Marked succeeded and published in one transaction that holds the claim's row lock.
         _save(job.id, claim, commit=False, state=JobState.SUCCEEDED,

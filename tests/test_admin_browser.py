@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 
 import pytest
+from conftest import wait_for
 from test_browser import (  # noqa: F401 (browser, shots: fixtures)
     ROWS,
     browser,
@@ -16,7 +17,6 @@ from test_browser import (  # noqa: F401 (browser, shots: fixtures)
     slow_exports,
     snap,
     start_export,
-    wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -45,14 +45,14 @@ def test_admin_sees_live_progress_cancels_a_running_export_then_retries_it(
     page.wait_for_url(re.compile(rf"/admin/jobs/{job_id}$"))
     page.click("#admin-cancel")
     page.locator("h1 .badge", has_text="cancelled").wait_for()
-    job = wait_until(lambda: (j := job_row(stack, job_id))["attempts"][-1]["finished_at"] and j,
+    job = wait_for(lambda: (j := job_row(stack, job_id))["attempts"][-1]["finished_at"] and j,
                      what="the worker to stop")
     assert job["state"] == "cancelled" and job["attempts"][-1]["outcome"] == "cancelled"
 
     page.reload()
     page.click("#admin-retry")
     page.locator("h1 .badge", has_text=re.compile("queued|running")).wait_for()
-    wait_until(lambda: job_row(stack, job_id)["state"] == "running", what="the retry to run")
+    wait_for(lambda: job_row(stack, job_id)["state"] == "running", what="the retry to run")
     audit = page.locator("#audit tbody tr")
     assert audit.count() == 2
     assert "cancel" in audit.nth(0).inner_text() and "retry" in audit.nth(1).inner_text()

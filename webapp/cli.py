@@ -96,7 +96,8 @@ def export_command(dataset_name: str, email: str, params: tuple[str, ...], fmt: 
                 done[0] = cp.rows
 
             result = stream(conn, dataset, user.org_id, cleaned, out, Checkpoint(), advance,
-                            current_app.config["EXPORT_BATCH_ROWS"], 0.2)
+                            current_app.config["EXPORT_BATCH_ROWS"], 0.2, fmt,
+                            current_app.config["CSV_BOM"])
     click.echo(f"{result.rows} rows, {result.bytes} bytes written to {output}")
 
 

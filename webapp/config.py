@@ -52,6 +52,8 @@ def load() -> dict:
         "EXPORT_DIR": os.environ.get("EXPORT_DIR") or str(instance / "exports"),
         "EXPORT_BATCH_ROWS": int(os.environ.get("EXPORT_BATCH_ROWS", 5000)),
         "CHECKPOINT_INTERVAL": _seconds("CHECKPOINT_INTERVAL", 0.5),
+        # Start csv and csv.gz files with a UTF-8 byte order mark, so Excel reads them as UTF-8.
+        "CSV_BOM": _flag("CSV_BOM", False),
         "EXPORTS_RUNNING_PER_USER": int(os.environ.get("EXPORTS_RUNNING_PER_USER", 1)),
         "EXPORTS_QUEUED_PER_USER": int(os.environ.get("EXPORTS_QUEUED_PER_USER", 5)),
         "TASK_MODULES": [m for m in os.environ.get("TASK_MODULES", "").split(",") if m],

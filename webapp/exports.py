@@ -24,7 +24,7 @@ from sqlalchemy import func, select
 
 from jobs import dispatch
 from jobs.datasets import DATASETS, FORMATS, InvalidParams
-from jobs.engine import storage
+from jobs.engine import MIME_TYPES, storage
 from webapp.models import ExportJob, JobState, User, db, locked, utcnow
 
 bp = Blueprint("exports", __name__)
@@ -316,7 +316,7 @@ def download(job_id: int):
     current_app.logger.info("job %s downloaded by user %s", job.id, current_user.id)
     return send_file(
         files.open(job.file_name),
-        mimetype="text/csv; charset=utf-8",
+        mimetype=MIME_TYPES.get(job.format, "application/octet-stream"),
         as_attachment=True,
         download_name=job.download_name(),
         max_age=0,

@@ -24,7 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from wtforms import EmailField, PasswordField
 from wtforms.validators import DataRequired, EqualTo, Length
 
-from jobs.engine import storage
+from jobs.engine import MIME_TYPES, storage
 from jobs.mail import outbox
 from webapp import emails
 from webapp.auth import find_user
@@ -81,7 +81,8 @@ def download(token: str):
     if grant.expired:
         return render_template("links/expired.html", job=job, token=token), 410
     current_app.logger.info("job %s downloaded by emailed link", job.id)
-    return send_file(storage().open(job.file_name), mimetype="text/csv; charset=utf-8",
+    return send_file(storage().open(job.file_name),
+                     mimetype=MIME_TYPES.get(job.format, "application/octet-stream"),
                      as_attachment=True, download_name=job.download_name(), max_age=0)
 
 
