@@ -39,6 +39,11 @@ def test_wrong_password_is_refused(client):
     assert "Wrong email or password" in response.get_data(as_text=True)
 
 
+def test_login_email_is_case_insensitive(client):
+    login(client, "  Alice@ACME.test ")
+    assert "alice@acme.test" in client.get("/").get_data(as_text=True)
+
+
 def test_login_ignores_offsite_next(client):
     token = csrf_from(client.get("/login").get_data(as_text=True))
     response = client.post("/login?next=//evil.test/x", data={

@@ -7,7 +7,7 @@ from urllib.parse import urlsplit
 from flask import Blueprint, flash, jsonify, redirect, render_template, request, url_for
 from flask_login import login_required, login_user, logout_user
 from flask_wtf import FlaskForm
-from sqlalchemy import func, select
+from sqlalchemy import select
 from wtforms import EmailField, PasswordField
 from wtforms.validators import DataRequired
 
@@ -68,7 +68,7 @@ def create_token(user: User) -> str:
 
 
 def find_user(email: str) -> User | None:
-    return db.session.scalar(select(User).where(func.lower(User.email) == email.strip().lower()))
+    return db.session.scalar(select(User).where(User.email == email.strip().lower()))
 
 
 class LoginForm(FlaskForm):

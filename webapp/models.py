@@ -10,7 +10,7 @@ from typing import TypeVar
 from flask_login import UserMixin
 from flask_sqlalchemy import SQLAlchemy
 from sqlalchemy import JSON, ForeignKey, Index, Numeric, String, Text
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, validates
 from werkzeug.security import check_password_hash, generate_password_hash
 
 
@@ -73,6 +73,11 @@ class User(UserMixin, db.Model):
     org_id: Mapped[int] = mapped_column(ForeignKey("organisations.id"))
     role: Mapped[str] = mapped_column(String(20), default="user")
     organisation: Mapped[Organisation] = relationship()
+
+    @validates("email")
+    def _lowercase_email(self, _key: str, email: str) -> str:
+        """Stored lowercase, so a lookup is an exact match on the unique index."""
+        return email.strip().lower()
 
     @property
     def is_admin(self) -> bool:
