@@ -207,3 +207,26 @@ def wait_for(predicate, timeout: float = 30, what: str = "condition", every: flo
             return value
         time.sleep(every)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+def run_inline(app, email: str, dataset: str = "transactions", params: dict | None = None,
+               fmt: str = "csv"):
+    """Record an export for the user and run it to its end in this process, as a worker would;
+    returns the job, refreshed and detached (a failed attempt is recorded on it)."""
+    from jobs import engine
+    from webapp.auth import find_user
+    from webapp.models import ExportJob, db
+
+    with app.app_context():
+        user = find_user(email)
+        job = ExportJob(user=user, org_id=user.org_id, dataset=dataset, params=params or {},
+                        format=fmt)
+        db.session.add(job)
+        db.session.commit()
+        try:
+            engine.run(job.id, max_attempts=1)
+        except engine.AttemptFailed:
+            pass
+        db.session.refresh(job)
+        db.session.expunge(job)
+        return job

@@ -6,36 +6,24 @@ import csv
 import io
 
 import pytest
+from conftest import run_inline
 from expected import expected_rows
 
 from jobs import engine
 from jobs.datasets import DATASETS
 from webapp.auth import find_user
-from webapp.models import ExportJob, db
+from webapp.models import db
 
 
 def parse(data: bytes) -> list[list[str]]:
     return list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
 
 
-def run_job(app, email: str, dataset: str, params: dict) -> ExportJob:
-    with app.app_context():
-        user = find_user(email)
-        job = ExportJob(user=user, org_id=user.org_id, dataset=dataset, params=params)
-        db.session.add(job)
-        db.session.commit()
-        try:
-            engine.run(job.id, max_attempts=1)
-        except engine.AttemptFailed:
-            pass  # recorded on the job, which the tests inspect
-        db.session.refresh(job)
-        db.session.expunge(job)
-        return job
 
 
 @pytest.mark.parametrize("dataset", ["transactions", "orders"])
 def test_export_matches_sql_for_the_users_org_only(app, instance, database_url, dataset):
-    job = run_job(app, "bob@globex.test", dataset, {})
+    job = run_inline(app, "bob@globex.test", dataset)
     assert job.state == "succeeded", job.error
     data = (instance / "exports" / job.file_name).read_bytes()
     assert parse(data) == expected_rows(database_url, dataset, "globex")
@@ -46,7 +34,7 @@ def test_export_matches_sql_for_the_users_org_only(app, instance, database_url, 
 
 def test_filters_are_inclusive_dates_and_status(app, instance, database_url):
     params = {"date_from": "2026-03-01", "date_to": "2026-03-31", "status": "refunded"}
-    job = run_job(app, "alice@acme.test", "transactions", params)
+    job = run_inline(app, "alice@acme.test", "transactions", params)
     got = parse((instance / "exports" / job.file_name).read_bytes())
     want = expected_rows(database_url, "transactions", "acme",
                          "and created_at >= ? and created_at < ? and status = ?",
@@ -55,7 +43,7 @@ def test_filters_are_inclusive_dates_and_status(app, instance, database_url):
 
 
 def test_csv_is_rfc4180_utf8_with_formulas_neutralised(app, instance):
-    job = run_job(app, "alice@acme.test", "transactions", {})
+    job = run_inline(app, "alice@acme.test", "transactions")
     data = (instance / "exports" / job.file_name).read_bytes()
     text = data.decode("utf-8")
     assert text.startswith("id,created_at,amount,")
@@ -73,7 +61,7 @@ def test_csv_is_rfc4180_utf8_with_formulas_neutralised(app, instance):
 
 
 def test_unknown_dataset_fails_for_good_with_a_reason(app):
-    job = run_job(app, "alice@acme.test", "payroll", {})
+    job = run_inline(app, "alice@acme.test", "payroll")
     assert job.state == "failed" and "no longer exists" in job.error
 
 

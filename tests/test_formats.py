@@ -11,6 +11,7 @@ from datetime import datetime
 
 import openpyxl
 import pytest
+from conftest import run_inline
 from sqlalchemy import insert
 
 from jobs import engine
@@ -30,18 +31,7 @@ def unescape(value):
 
 
 def run_job(app, email: str, fmt: str, dataset: str = "transactions") -> ExportJob:
-    with app.app_context():
-        user = find_user(email)
-        job = ExportJob(user=user, org_id=user.org_id, dataset=dataset, params={}, format=fmt)
-        db.session.add(job)
-        db.session.commit()
-        try:
-            engine.run(job.id, max_attempts=1)
-        except engine.AttemptFailed:
-            pass
-        db.session.refresh(job)
-        db.session.expunge(job)
-        return job
+    return run_inline(app, email, dataset, fmt=fmt)
 
 
 def inline(app, email: str, fmt: str, dataset: str = "transactions", **kw) -> bytes:

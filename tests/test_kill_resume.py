@@ -8,12 +8,18 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, TEST_DATABASE_URL, database_for, drop_database, migrate_and_seed
+from conftest import (
+    ROOT,
+    TEST_DATABASE_URL,
+    database_for,
+    drop_database,
+    migrate_and_seed,
+    wait_for,
+)
 from sqlalchemy import create_engine, func, insert, select
 from sqlalchemy.pool import NullPool
 
@@ -29,14 +35,6 @@ CONSUMER_ENV = {"JOB_LEASE": "2", "RECONCILE_INTERVAL": "1", "RECONCILE_GRACE": 
                 "LANE_EXPORTS_RETRIES": "20", "LANE_EXPORTS_WORKERS": "1"}
 
 
-def wait_for(predicate, timeout: float = 60, every: float = 0.02, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 class Big:

@@ -6,7 +6,7 @@ from datetime import timedelta
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import csrf_from, login
+from conftest import csrf_from, login, run_inline
 from mailserver import MailServer, html_of, links_in, self_signed_cert, text_of
 from sqlalchemy import select
 
@@ -36,16 +36,7 @@ def sending(app, smtp, monkeypatch):
 
 def finished_job(app, email: str, dataset: str = "orders", params: dict | None = None) -> int:
     """Run an export inline to its end, as a worker would; the email is queued on its commit."""
-    with app.app_context():
-        user = find_user(email)
-        job = ExportJob(user=user, org_id=user.org_id, dataset=dataset, params=params or {})
-        db.session.add(job)
-        db.session.commit()
-        try:
-            engine.run(job.id, max_attempts=1)
-        except engine.AttemptFailed:
-            pass
-        return job.id
+    return run_inline(app, email, dataset, params).id
 
 
 def emails_of(app, job_id: int) -> list[OutboundEmail]:
