@@ -230,3 +230,26 @@ def run_inline(app, email: str, dataset: str = "transactions", params: dict | No
         db.session.refresh(job)
         db.session.expunge(job)
         return job
+
+
+@pytest.fixture(scope="module")
+def smtp():
+    """A real SMTP server (aiosmtpd) in this process, one per test module."""
+    from mailserver import MailServer
+
+    server = MailServer().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sending(app, smtp, monkeypatch):
+    """The critical lane runs its tasks inline, sending to the test SMTP server; the mailbox
+    starts empty."""
+    from jobs import lanes
+
+    monkeypatch.setitem(app.config, "SMTP_URL", smtp.url)
+    lanes.critical.immediate = True
+    smtp.mailbox.clear()
+    yield smtp.mailbox
+    lanes.critical.immediate = False

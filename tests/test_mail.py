@@ -18,22 +18,6 @@ from webapp.models import EmailState, ExportJob, JobState, OutboundEmail, db
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
 
 
-@pytest.fixture(scope="module")
-def smtp():
-    server = MailServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def sending(app, smtp, monkeypatch):
-    """The critical lane runs its tasks inline, sending to the test SMTP server."""
-    monkeypatch.setitem(app.config, "SMTP_URL", smtp.url)
-    lanes.critical.immediate = True
-    yield smtp.mailbox
-    lanes.critical.immediate = False
-
-
 def finished_job(app, email: str, dataset: str = "orders", params: dict | None = None) -> int:
     """Run an export inline to its end, as a worker would; the email is queued on its commit."""
     return run_inline(app, email, dataset, params).id

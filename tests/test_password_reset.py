@@ -8,28 +8,11 @@ from urllib.parse import urlsplit
 
 import pytest
 from conftest import csrf_from, login
-from mailserver import MailServer, links_in
+from mailserver import links_in
 from sqlalchemy import delete, func, select
 
-from jobs import lanes
 from webapp.auth import find_user
 from webapp.models import OutboundEmail, User, db
-
-
-@pytest.fixture(scope="module")
-def smtp():
-    server = MailServer().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def sending(app, smtp, monkeypatch):
-    monkeypatch.setitem(app.config, "SMTP_URL", smtp.url)
-    lanes.critical.immediate = True
-    smtp.mailbox.clear()
-    yield smtp.mailbox
-    lanes.critical.immediate = False
 
 
 @pytest.fixture
