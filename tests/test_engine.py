@@ -9,11 +9,6 @@ import pytest
 from conftest import run_inline
 from expected import expected_rows
 
-from jobs import engine
-from jobs.datasets import DATASETS
-from webapp.auth import find_user
-from webapp.models import db
-
 
 def parse(data: bytes) -> list[list[str]]:
     return list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
@@ -64,31 +59,3 @@ def test_unknown_dataset_fails_for_good_with_a_reason(app):
     job = run_inline(app, "alice@acme.test", "payroll")
     assert job.state == "failed" and "no longer exists" in job.error
 
-
-def test_stream_resumes_from_a_checkpoint_byte_for_byte(app, tmp_path):
-    dataset = DATASETS["transactions"]
-
-    class Crash(Exception):
-        pass
-
-    checkpoints: list[engine.Checkpoint] = []
-
-    def crash_on_third(cp: engine.Checkpoint) -> None:
-        checkpoints.append(cp)
-        if len(checkpoints) == 3:
-            raise Crash
-
-    with app.app_context(), db.engine.connect() as conn:
-        org = find_user("alice@acme.test").org_id
-        with open(tmp_path / "whole.csv", "w+b") as whole:
-            engine.stream(conn, dataset, org, {}, whole, engine.Checkpoint(), lambda c: None, 300)
-        with open(tmp_path / "part.csv", "w+b") as part, pytest.raises(Crash):
-            engine.stream(conn, dataset, org, {}, part, engine.Checkpoint(), crash_on_third,
-                          300, interval=0.0)
-        cp = checkpoints[1]  # the last one recorded before the crash
-        assert (tmp_path / "part.csv").stat().st_size > cp.bytes
-        with open(tmp_path / "part.csv", "r+b") as part:
-            part.truncate(cp.bytes)
-            part.seek(cp.bytes)
-            engine.stream(conn, dataset, org, {}, part, cp, lambda c: None, 300)
-    assert (tmp_path / "part.csv").read_bytes() == (tmp_path / "whole.csv").read_bytes()
