@@ -273,7 +273,7 @@ class Lane(Huey):
         consumers = [json.loads(v) for k, v in items.items() if k.startswith(CONSUMER)]
         live = [c for c in consumers if now - c["at"] <= 3 * HEARTBEAT_SECONDS]
         running = [json.loads(v) for k, v in items.items() if k.startswith(RUNNING)]
-        minutes = range(_minute(now) - 4, _minute(now) + 1)
+        recent = self.minutes(5)
         return {
             "lane": self.name,
             "broker": "redis" if self.redis else "sqlite",
@@ -282,8 +282,8 @@ class Lane(Huey):
             "running": len(running) if live else 0,
             "consumers": len(live),
             "workers": sum(c["workers"] for c in live),
-            "completed_5m": sum(self.storage.incr(f"ledger:completed:{m}", 0) for m in minutes),
-            "failed_5m": sum(self.storage.incr(f"ledger:failed:{m}", 0) for m in minutes),
+            "completed_5m": sum(completed for _, completed, _ in recent),
+            "failed_5m": sum(failed for _, _, failed in recent),
         }
 
     def consumer(self, **overrides) -> Consumer:
