@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta
 
-from sqlalchemy import ColumnElement, Select, String, Table, case, func, literal, select
+from sqlalchemy import Select, Table, func, select
 
 from webapp.models import Order, Transaction
 
@@ -97,7 +97,8 @@ class Dataset:
             stmt = stmt.where(t.c.status == params["status"])
         return stmt
 
-    def batch(self, org_id: int, params: dict[str, str], after: object, size: int) -> Select:
+    def batch(self, org_id: int, params: dict[str, str], after: object,
+              size: int | None) -> Select:
         """The next `size` rows after key `after` (keyset pagination: never OFFSET)."""
         key = self.table.c[self.key]
         stmt = self.query(org_id, params)
@@ -105,48 +106,12 @@ class Dataset:
             stmt = stmt.where(key > after)
         return stmt.order_by(key).limit(size)
 
-    def text_batch(self, org_id: int, params: dict[str, str], after: object, size: int,
-                   dialect: str) -> Select:
-        """Like `batch`, but every column already formatted as CSV text by the database.
-
-        The key column stays raw (it is the resume point). Same text as the engine's Python
-        formatters, so csv.writer only joins strings: no per-cell Python work.
-        """
-        stmt = self.batch(org_id, params, after, size)
-        return stmt.with_only_columns(
-            *(text_column(self.table.c[c.name], c.kind, dialect) for c in self.columns),
-            maintain_column_froms=True,
-        )
-
     def count(self, org_id: int, params: dict[str, str]) -> Select:
         return select(func.count()).select_from(self.query(org_id, params).subquery())
 
     @property
     def column_names(self) -> Sequence[str]:
         return [c.name for c in self.columns]
-
-
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")
-
-
-def text_column(col: ColumnElement, kind: str, dialect: str) -> ColumnElement:
-    """One column as CSV text, formatted in SQL (SQLite or PostgreSQL), labelled as itself."""
-    if kind == "int":
-        return col
-    if kind == "money":
-        if dialect == "postgresql":
-            value = func.round(col, 2).cast(String)
-        else:
-            value = func.printf("%.2f", col)
-    elif kind == "datetime":
-        if dialect == "postgresql":
-            value = func.to_char(col, "YYYY-MM-DD HH24:MI:SS")
-        else:
-            value = func.strftime("%Y-%m-%d %H:%M:%S", col)
-    else:  # text: neutralise spreadsheet formulas, as jobs.engine.neutralise does
-        value = case((func.substr(col, 1, 1).in_(FORMULA_PREFIXES), literal("'") + col),
-                     else_=col)
-    return value.label(col.name)
 
 
 def _date_range_and_status(statuses: tuple[str, ...]) -> tuple[Param, ...]:

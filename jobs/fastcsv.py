@@ -1,0 +1,154 @@
+"""CSV at the database's own speed: PostgreSQL's COPY; for SQLite, Arrow in a reader process.
+
+Both paths write the same bytes, PostgreSQL's COPY CSV format: a field is quoted only when it
+holds a comma, a double quote, CR or LF (quotes doubled inside); NULL and empty text are both an
+empty field; LF ends a row. Text a spreadsheet would run as a formula gets a leading apostrophe.
+Each batch is one keyset page (`Dataset.batch`), so an export can checkpoint after any batch
+and resume after its last key. Literal values in the SQL are validated server-side parameters
+(integers, ISO dates, fixed choices), rendered by SQLAlchemy: COPY cannot take bind parameters.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import struct
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Select,
+    String,
+    Text,
+    case,
+    cast,
+    func,
+    literal,
+    literal_column,
+)
+
+from jobs.datasets import Dataset
+
+FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")  # also in jobs.sqlite_reader, as a regex
+
+
+@dataclass(frozen=True)
+class Batch:
+    data: bytes  # whole CSV rows, each ending in LF
+    rows: int
+    last_key: int
+
+
+def neutralise(text: str) -> str:
+    """Stop spreadsheets from running a text cell as a formula (OWASP CSV injection)."""
+    return "'" + text if text.startswith(FORMULA_PREFIXES) else text
+
+
+def header(dataset: Dataset) -> bytes:
+    return (",".join(dataset.column_names) + "\n").encode()
+
+
+def batches(conn: Connection, dataset: Dataset, org_id: int, params: dict[str, str],
+            after: object, size: int) -> Iterator[Batch]:
+    """The dataset's rows after key `after` as CSV, `size` rows per batch, in key order."""
+    if conn.dialect.name == "postgresql":
+        return _copy_batches(conn, dataset, org_id, params, after, size)
+    if conn.dialect.name == "sqlite":
+        return _sqlite_batches(conn, dataset, org_id, params, after, size)
+    raise NotImplementedError(f"no CSV path for {conn.dialect.name}")
+
+
+def _sql(conn: Connection, stmt: Select) -> str:
+    return str(stmt.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
+
+
+# PostgreSQL: the server formats every value and writes the CSV itself (COPY ... TO STDOUT).
+
+
+def copy_query(dataset: Dataset, org_id: int, params: dict[str, str], after: object,
+               size: int | None) -> Select:
+    """The page as PostgreSQL text columns, ready for COPY (also the benchmark's psql query)."""
+    stmt = dataset.batch(org_id, params, after, size)
+    return stmt.with_only_columns(
+        *(_pg_text(dataset.table.c[c.name], c.kind) for c in dataset.columns),
+        maintain_column_froms=True,
+    )
+
+
+def _pg_text(col: ColumnElement, kind: str) -> ColumnElement:
+    if kind == "int":
+        value = col
+    elif kind == "money":
+        value = func.round(col, 2).cast(String)
+    elif kind == "datetime":
+        value = func.to_char(col, "YYYY-MM-DD HH24:MI:SS")
+    else:  # empty text as NULL, so COPY writes an empty field (not "") as SQLite's path does
+        value = func.nullif(case((func.substr(col, 1, 1).in_(FORMULA_PREFIXES),
+                                  literal("'") + col), else_=col), "")
+    return value.label(col.name)
+
+
+def _copy_batches(conn: Connection, dataset: Dataset, org_id: int, params: dict[str, str],
+                  after: object, size: int) -> Iterator[Batch]:
+    key = dataset.column_names.index(dataset.key)
+    driver = conn.connection.driver_connection  # psycopg 3
+    while True:
+        sql = _sql(conn, copy_query(dataset, org_id, params, after, size))
+        rows = []  # COPY sends one message per row: the last one holds the next key
+        with driver.cursor().copy(f"COPY ({sql}) TO STDOUT WITH (FORMAT csv)") as copy:
+            rows.extend(copy)
+        if not rows:
+            return
+        after = int(next(csv.reader([bytes(rows[-1]).decode()]))[key])
+        yield Batch(b"".join(rows), len(rows), after)
+
+
+# SQLite: a child process reads pages with ADBC and formats them with Arrow (jobs.sqlite_reader).
+
+
+FRAME = struct.Struct("<qqq")  # the reader's header before each page: rows, last key, bytes
+
+
+class ReadFailed(RuntimeError):
+    """The SQLite reader process stopped with an error."""
+
+
+def _sqlite_batches(conn: Connection, dataset: Dataset, org_id: int, params: dict[str, str],
+                    after: object, size: int) -> Iterator[Batch]:
+    table = dataset.table
+    # Every column as non-null text: ADBC infers a column's type from a page's first rows, and
+    # NULLs followed by text would not fit the inferred type. NULL and '' both give an empty field.
+    columns = [table.c[dataset.key],
+               *(func.coalesce(cast(table.c[c.name], Text), "") for c in dataset.columns)]
+
+    def page(after: object) -> str:
+        stmt = dataset.batch(org_id, params, after, size)
+        return _sql(conn, stmt.with_only_columns(*columns, maintain_column_froms=True))
+
+    spec = {"database": conn.engine.url.database, "size": size, "after": after,
+            "frame": FRAME.format,
+            "kinds": [c.kind for c in dataset.columns],
+            "first": page(after), "next": page(literal_column("?"))}  # ?: the reader binds it
+    reader = subprocess.Popen([sys.executable, "-m", "jobs.sqlite_reader"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent)
+    try:
+        reader.stdin.write(json.dumps(spec).encode())
+        reader.stdin.close()
+        while header := reader.stdout.read(FRAME.size):
+            rows, last_key, length = FRAME.unpack(header)
+            yield Batch(reader.stdout.read(length), rows, last_key)
+        if reader.wait() != 0:
+            error = reader.stderr.read().decode(errors="replace").strip().splitlines()
+            raise ReadFailed(error[-1] if error else f"exit status {reader.returncode}")
+    finally:
+        if reader.poll() is None:  # closed early (cancel, shutdown, timeout): stop reading
+            reader.kill()
+            reader.wait()
+        reader.stdout.close()
+        reader.stderr.close()
