@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import json
+import select
 import struct
 import subprocess
 import sys
@@ -25,12 +26,14 @@ from sqlalchemy import (
     Select,
     String,
     Text,
+    bindparam,
     case,
     cast,
     func,
     literal,
     literal_column,
 )
+from sqlalchemy import exc as sa_exc
 
 from jobs.datasets import Dataset
 
@@ -95,17 +98,62 @@ def _pg_text(col: ColumnElement, kind: str) -> ColumnElement:
 
 def _copy_batches(conn: Connection, dataset: Dataset, org_id: int, params: dict[str, str],
                   after: object, size: int) -> Iterator[Batch]:
+    import psycopg
+
     key = dataset.column_names.index(dataset.key)
-    driver = conn.connection.driver_connection  # psycopg 3
-    while True:
-        sql = _sql(conn, copy_query(dataset, org_id, params, after, size))
-        rows = []  # COPY sends one message per row: the last one holds the next key
-        with driver.cursor().copy(f"COPY ({sql}) TO STDOUT WITH (FORMAT csv)") as copy:
-            rows.extend(copy)
+    driver = conn.connection.driver_connection
+    first, following = (
+        copy_query(dataset, org_id, params, key_after, size).compile(
+            dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+        for key_after in (after, bindparam("after", 0)))  # 0: overridden per page
+    page = first
+    while True:  # values merged client-side by psycopg: COPY takes no bind parameters
+        sql = psycopg.ClientCursor(driver).mogrify(str(page), {**page.params, "after": after})
+        rows = _copy_rows(driver, f"COPY ({sql}) TO STDOUT WITH (FORMAT csv)")
         if not rows:
             return
+        # COPY sends one message per row: the page's last one holds the next key
         after = int(next(csv.reader([bytes(rows[-1]).decode()]))[key])
         yield Batch(b"".join(rows), len(rows), after)
+        page = following
+
+
+def _copy_rows(driver, query: str) -> list[memoryview]:
+    """The rows of a COPY ... TO STDOUT, read straight from libpq.
+
+    psycopg's Copy iterator costs a generator round trip per row, as much time as the server
+    spends on it. Here a row is one call; when none is buffered the loop waits in select(),
+    which releases the GIL, so the lease heartbeat runs through a slow page.
+    """
+    from psycopg import errors, pq
+
+    pgconn = driver.pgconn
+    result = pgconn.exec_(query.encode())
+    if result.status != pq.ExecStatus.COPY_OUT:
+        raise _database_error(query, errors.error_from_result(result))
+    rows = []
+    while True:
+        size, row = pgconn.get_copy_data(1)  # 1: never block while holding the GIL
+        if size > 0:
+            rows.append(row)
+        elif size == 0:
+            select.select([pgconn.socket], [], [])
+            pgconn.consume_input()
+        else:
+            break
+    result = pgconn.get_result()
+    while pgconn.get_result() is not None:  # the end of the command
+        pass
+    if result.status != pq.ExecStatus.COMMAND_OK:
+        raise _database_error(query, errors.error_from_result(result))
+    return rows
+
+
+def _database_error(query: str, error: Exception) -> sa_exc.DBAPIError:
+    """The error as SQLAlchemy would raise it, so the engine's retry policy applies."""
+    import psycopg
+
+    return sa_exc.DBAPIError.instance(query, None, error, psycopg.Error)
 
 
 # SQLite: a child process reads pages with ADBC and formats them with Arrow (jobs.sqlite_reader).
