@@ -36,13 +36,14 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 
 from jobs.datasets import Dataset
+from jobs.readahead import read_ahead
 
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")  # also in jobs.sqlite_reader, as a regex
 
 
 @dataclass(frozen=True)
 class Batch:
-    data: bytes  # whole CSV rows, each ending in LF
+    data: bytes | bytearray  # whole CSV rows, each ending in LF
     rows: int
     last_key: int
 
@@ -102,28 +103,33 @@ def _copy_batches(conn: Connection, dataset: Dataset, org_id: int, params: dict[
 
     key = dataset.column_names.index(dataset.key)
     driver = conn.connection.driver_connection
-    first, following = (
+    from_start, after_key = (
         copy_query(dataset, org_id, params, key_after, size).compile(
             dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
-        for key_after in (after, bindparam("after", 0)))  # 0: overridden per page
-    page = first
-    while True:  # values merged client-side by psycopg: COPY takes no bind parameters
+        for key_after in (None, bindparam("after", 0)))  # 0: replaced by each page's key
+
+    def fetch(after: object) -> tuple[Batch, int] | None:
+        page = from_start if after is None else after_key
+        # values merged client-side by psycopg: COPY takes no bind parameters
         sql = psycopg.ClientCursor(driver).mogrify(str(page), {**page.params, "after": after})
-        rows = _copy_rows(driver, f"COPY ({sql}) TO STDOUT WITH (FORMAT csv)")
+        data, rows, last_row = _copy(driver, f"COPY ({sql}) TO STDOUT WITH (FORMAT csv)")
         if not rows:
-            return
+            return None
         # COPY sends one message per row: the page's last one holds the next key
-        after = int(next(csv.reader([bytes(rows[-1]).decode()]))[key])
-        yield Batch(b"".join(rows), len(rows), after)
-        page = following
+        last_key = int(next(csv.reader([last_row.decode()]))[key])
+        return Batch(data, rows, last_key), last_key
+
+    return read_ahead(fetch, after)
 
 
-def _copy_rows(driver, query: str) -> list[memoryview]:
-    """The rows of a COPY ... TO STDOUT, read straight from libpq.
+def _copy(driver, query: str) -> tuple[bytearray, int, bytes]:
+    """The output of a COPY ... TO STDOUT read straight from libpq: (bytes, rows, last row).
 
     psycopg's Copy iterator costs a generator round trip per row, as much time as the server
-    spends on it. Here a row is one call; when none is buffered the loop waits in select(),
-    which releases the GIL, so the lease heartbeat runs through a slow page.
+    spends on it; keeping a buffer object per row costs as much again (the garbage collector
+    walks them). Here each row is one call appended to one bytearray. When no row is buffered
+    the loop waits in select(), which releases the GIL: the lease heartbeat runs through a
+    slow page.
     """
     from psycopg import errors, pq
 
@@ -131,22 +137,25 @@ def _copy_rows(driver, query: str) -> list[memoryview]:
     result = pgconn.exec_(query.encode())
     if result.status != pq.ExecStatus.COPY_OUT:
         raise _database_error(query, errors.error_from_result(result))
-    rows = []
+    data, rows, row = bytearray(), 0, b""
     while True:
-        size, row = pgconn.get_copy_data(1)  # 1: never block while holding the GIL
+        size, received = pgconn.get_copy_data(1)  # 1: never block while holding the GIL
         if size > 0:
-            rows.append(row)
+            data += received
+            rows += 1
+            row = received
         elif size == 0:
             select.select([pgconn.socket], [], [])
             pgconn.consume_input()
         else:
             break
+    last_row = bytes(row)
     result = pgconn.get_result()
     while pgconn.get_result() is not None:  # the end of the command
         pass
     if result.status != pq.ExecStatus.COMMAND_OK:
         raise _database_error(query, errors.error_from_result(result))
-    return rows
+    return data, rows, last_row
 
 
 def _database_error(query: str, error: Exception) -> sa_exc.DBAPIError:
@@ -181,7 +190,7 @@ def _sqlite_batches(conn: Connection, dataset: Dataset, org_id: int, params: dic
     spec = {"database": conn.engine.url.database, "size": size, "after": after,
             "frame": FRAME.format,
             "kinds": [c.kind for c in dataset.columns],
-            "first": page(after), "next": page(literal_column("?"))}  # ?: the reader binds it
+            "from_start": page(None), "after_key": page(literal_column("?"))}  # ?: bound per page
     reader = subprocess.Popen([sys.executable, "-m", "jobs.sqlite_reader"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent)

@@ -17,7 +17,6 @@ import json
 import struct
 import sys
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import quote
 
 import adbc_driver_manager as adbc
@@ -25,38 +24,40 @@ import adbc_driver_sqlite
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs.readahead import read_ahead
+
 FORMULA_PATTERN = r"^[=+\-@\t\r]"  # jobs.fastcsv.FORMULA_PREFIXES, as a regex
 NEEDS_QUOTES_PATTERN = r'[",\r\n]'
 
 
 def pages(spec: dict) -> Iterator[tuple[int, int, bytes]]:
-    """(rows, last key, CSV bytes) per page. The spec holds `first` (the first page's SQL),
-    `next` (the SQL of a page after the key bound to `?`), `kinds` and `size`."""
+    """(rows, last key, CSV bytes) per page. The spec holds the SQL of the first page
+    (`from_start`) and of a page after the key bound to `?` (`after_key`), `kinds` and `size`."""
     database = adbc_driver_sqlite.connect(f"file:{quote(spec['database'])}?mode=ro")
     connection = adbc.AdbcConnection(database)  # autocommit: no snapshot held between pages
 
-    def fetch(after: int | None) -> pa.Table:
+    def fetch(after: int | None) -> tuple[pa.Table, int] | None:
         with adbc.AdbcStatement(connection) as statement:
             statement.set_options(**{"adbc.sqlite.query.batch_rows": str(spec["size"])})
             if after is None:
-                statement.set_sql_query(spec["first"])
+                statement.set_sql_query(spec["from_start"])
             else:
-                statement.set_sql_query(spec["next"])
+                statement.set_sql_query(spec["after_key"])
                 statement.bind(pa.record_batch([pa.array([after], pa.int64())], ["after"]))
             stream, _ = statement.execute_query()
-            return pa.RecordBatchReader._import_from_c(stream.address).read_all()
+            page = pa.RecordBatchReader._import_from_c(stream.address).read_all()
+        return (page, last_key(page)) if page.num_rows else None
 
     try:
-        with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as ahead:
-            page = ahead.submit(fetch, spec["after"]).result()
-            while page.num_rows:
-                last = page.column(0)[-1].as_py()
-                following = ahead.submit(fetch, last)
-                yield page.num_rows, last, to_csv(page, spec["kinds"])
-                page = following.result()
+        for page in read_ahead(fetch, spec["after"]):
+            yield page.num_rows, last_key(page), to_csv(page, spec["kinds"])
     finally:
         connection.close()
         database.close()
+
+
+def last_key(page: pa.Table) -> int:
+    return page.column(0)[-1].as_py()
 
 
 def to_csv(page: pa.Table, kinds: list[str]) -> bytes:
