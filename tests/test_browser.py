@@ -109,7 +109,7 @@ RECORD_PROGRESS = """() => {
 
 
 def test_live_progress_then_download_link_without_reload(browser, stack_factory, shots):
-    stack = stack_factory(rows=ROWS, **slow_exports(4))
+    stack = stack_factory(rows=ROWS, **slow_exports(100))
     page = open_page(browser, stack)
     log_in(page, shot=shots / "login.png")
 
@@ -218,7 +218,7 @@ def test_cancel_a_running_export_from_my_exports_then_retry(browser, stack_facto
 
 
 def test_without_javascript_every_page_still_works(browser, stack_factory, shots):
-    stack = stack_factory(rows=ROWS, **slow_exports(2))
+    stack = stack_factory(rows=ROWS, **slow_exports(20))
     page = open_page(browser, stack, js=False)
     log_in(page)
 
