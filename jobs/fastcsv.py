@@ -23,6 +23,8 @@ from pathlib import Path
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Float,
+    Integer,
     Select,
     String,
     Text,
@@ -175,13 +177,21 @@ class ReadFailed(RuntimeError):
     """The SQLite reader process stopped with an error."""
 
 
+def _sqlite_column(col: ColumnElement, kind: str) -> ColumnElement:
+    """A column with one type per page, as ADBC infers each column's type from its values:
+    numbers as numbers (Arrow formats them), text never NULL (NULL and '' are both empty)."""
+    if kind == "int":
+        return cast(col, Integer)
+    if kind == "money":
+        return cast(col, Float)
+    return func.coalesce(cast(col, Text), "")
+
+
 def _sqlite_batches(conn: Connection, dataset: Dataset, org_id: int, params: dict[str, str],
                     after: object, size: int) -> Iterator[Batch]:
     table = dataset.table
-    # Every column as non-null text: ADBC infers a column's type from a page's first rows, and
-    # NULLs followed by text would not fit the inferred type. NULL and '' both give an empty field.
     columns = [table.c[dataset.key],
-               *(func.coalesce(cast(table.c[c.name], Text), "") for c in dataset.columns)]
+               *(_sqlite_column(table.c[c.name], c.kind) for c in dataset.columns)]
 
     def page(after: object) -> str:
         stmt = dataset.batch(org_id, params, after, size)

@@ -61,7 +61,7 @@ def last_key(page: pa.Table) -> int:
 
 
 def to_csv(page: pa.Table, kinds: list[str]) -> bytes:
-    """A page (the key, then every column as text) as CSV rows ending in LF."""
+    """A page (the key, then every column) as CSV rows ending in LF."""
     out = []
     for batch in page.to_batches():
         cells = [FORMAT[kind](batch.column(i + 1)) for i, kind in enumerate(kinds)]
@@ -96,10 +96,15 @@ def _text(strings: pa.Array) -> pa.Array:
                       '"', pc.replace_substring(s, '"', '""'), '"', ""))
 
 
-def _money(strings: pa.Array) -> pa.Array:
-    """Two decimals, rounded from the stored double like printf('%.2f')."""
-    numbers = pc.cast(pc.if_else(pc.equal(strings, ""), None, strings), pa.float64())
-    return pc.cast(pc.cast(numbers, pa.decimal128(38, 2), safe=False), pa.string()).fill_null("")
+def _int(numbers: pa.Array) -> pa.Array:
+    return pc.cast(numbers, pa.string()).fill_null("")
+
+
+def _money(numbers: pa.Array) -> pa.Array:
+    """Two decimals, rounded from the stored double like printf('%.2f'). A page of NULLs
+    arrives as int64 (ADBC's default), hence the cast to float64 first."""
+    cents = pc.cast(pc.cast(numbers, pa.float64()), pa.decimal128(38, 2), safe=False)
+    return pc.cast(cents, pa.string()).fill_null("")
 
 
 def _datetime(strings: pa.Array) -> pa.Array:
@@ -108,7 +113,7 @@ def _datetime(strings: pa.Array) -> pa.Array:
 
 
 FORMAT: dict[str, Callable[[pa.Array], pa.Array]] = {
-    "int": lambda strings: strings,
+    "int": _int,
     "money": _money,
     "datetime": _datetime,
     "text": _text,
