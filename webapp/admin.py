@@ -19,14 +19,13 @@ from flask import (
     url_for,
 )
 from flask_login import current_user, login_required
-from sqlalchemy import Text, cast, func, select
+from sqlalchemy import ColumnElement, ScalarSelect, Text, cast, func, select
 from werkzeug.datastructures import MultiDict
 
 from jobs import dispatch, retention
 from jobs.datasets import DATASETS
 from jobs.engine import storage
 from jobs.lanes import LANES
-from webapp.auth import find_user
 from webapp.models import (
     AdminAction,
     EmailState,
@@ -35,6 +34,7 @@ from webapp.models import (
     OutboundEmail,
     User,
     db,
+    progress,
 )
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
@@ -116,8 +116,9 @@ class JobFilter:
         return {k: (v.isoformat() if isinstance(v, date) else v)
                 for k, v in asdict(self).items() if v}
 
-    def _owner(self, email: str) -> User | None:
-        return find_user(email) if email else None
+    def _addresses(self) -> list[str]:
+        """The user filter and an address searched for, lowercase as users' emails are stored."""
+        return [email.lower() for email in (self.user, self.q if "@" in self.q else "") if email]
 
     def job_conditions(self) -> list | None:
         """WHERE clauses over export_jobs; None when no export job can match."""
@@ -130,28 +131,17 @@ class JobFilter:
             where.append(ExportJob.lane == self.lane)
         if self.dataset:
             where.append(ExportJob.dataset == self.dataset)
-        for email in (self.user, self.q if "@" in self.q else ""):
-            if email:
-                owner = self._owner(email)
-                if owner is None:
-                    return None
-                where.append(ExportJob.user_id == owner.id)
+        for address in self._addresses():  # an unknown address: NULL, so nothing matches
+            owner = select(User.id).where(User.email == address).scalar_subquery()
+            where.append(ExportJob.user_id == owner)
         if self.date_from:
             lo = datetime.combine(self.date_from, datetime.min.time())
-            where.append(ExportJob.created_at >= lo)
-            first = db.session.scalar(select(ExportJob.id).where(ExportJob.created_at >= lo)
-                                      .order_by(ExportJob.created_at).limit(1))
-            if first is None:
-                return None
-            where.append(ExportJob.id >= first - ID_SLACK)
+            first = _first_id(ExportJob.created_at >= lo, ExportJob.created_at)
+            where += [ExportJob.created_at >= lo, ExportJob.id >= first - ID_SLACK]
         if self.date_to:
             hi = datetime.combine(self.date_to + timedelta(days=1), datetime.min.time())
-            where.append(ExportJob.created_at < hi)
-            last = db.session.scalar(select(ExportJob.id).where(ExportJob.created_at < hi)
-                                     .order_by(ExportJob.created_at.desc()).limit(1))
-            if last is None:
-                return None
-            where.append(ExportJob.id <= last + ID_SLACK)
+            last = _first_id(ExportJob.created_at < hi, ExportJob.created_at.desc())
+            where += [ExportJob.created_at < hi, ExportJob.id <= last + ID_SLACK]
         if self.q and "@" not in self.q:
             number = self.q.removeprefix("#")
             if number.isdigit():
@@ -170,10 +160,8 @@ class JobFilter:
             if self.state not in EMAIL_STATES:
                 return None
             where.append(OutboundEmail.state == self.state)
-        for email in (self.user, self.q if "@" in self.q else ""):
-            if email:
-                owner = self._owner(email)
-                where.append(OutboundEmail.to_address == (owner.email if owner else email))
+        for address in self._addresses():
+            where.append(OutboundEmail.to_address == address)
         if self.date_from:
             where.append(OutboundEmail.created_at >= datetime.combine(self.date_from,
                                                                       datetime.min.time()))
@@ -189,21 +177,78 @@ class JobFilter:
         return where
 
 
+def _first_id(condition: ColumnElement, order: ColumnElement) -> ScalarSelect:
+    """The id of the first export job by `order` meeting `condition`, as a subquery of the
+    list's own query (NULL when none does, so nothing matches)."""
+    return (select(ExportJob.id).where(condition).order_by(order).limit(1)
+            .correlate(None).scalar_subquery())
+
+
 def _escape(text: str) -> str:
     return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Row:
-    """One line of the admin list: an export job or an email task of the critical lane."""
+    """One line of the admin list, an export job or an email task of the critical lane, as
+    the text it shows: a page renders 25 of them, so the template only places strings."""
 
-    kind: str  # "job" or "email"
-    item: ExportJob | OutboundEmail
+    kind: str  # "job" or "email": also the path under /admin/ (jobs/7, emails/3)
+    id: int
+    created_at: datetime
+    title: str
+    detail: str
+    lane: str
     owner: str
+    state: str
+    done: str  # rows of an export, attempts of an email
+    percent: float | None  # a running export's progress bar
+    live: bool  # an active export's row refreshes itself
 
     @property
-    def created_at(self) -> datetime:
-        return self.item.created_at
+    def requested(self) -> str:
+        """When it was asked for, ISO 8601 (naive UTC)."""
+        return self.created_at.isoformat()
+
+    @property
+    def requested_text(self) -> str:
+        """The same to the second, as the list shows it."""
+        return self.requested[:19].replace("T", " ")
+
+
+# The list reads plain rows of the columns it shows (no ORM objects, no bodies or
+# tracebacks), through the session's connection; statements are built once.
+JOBS = (select(ExportJob.id, ExportJob.dataset, ExportJob.params, ExportJob.format,
+               ExportJob.lane, ExportJob.state, ExportJob.rows_done, ExportJob.rows_total,
+               ExportJob.created_at, User.email)
+        .join(User, User.id == ExportJob.user_id).order_by(ExportJob.id.desc()))
+EMAILS = (select(OutboundEmail.id, OutboundEmail.kind, OutboundEmail.subject,
+                 OutboundEmail.job_id, OutboundEmail.state, OutboundEmail.attempts,
+                 OutboundEmail.created_at, OutboundEmail.to_address)
+          .order_by(OutboundEmail.id.desc()))
+
+
+def job_rows(conditions: list, limit: int) -> list[Row]:
+    """Export jobs newest first, as rows of the list."""
+    rows = []
+    result = db.session.connection().execute(JOBS.where(*conditions).limit(limit))
+    for job_id, dataset, params, fmt, lane, state, done, total, created_at, owner in result:
+        detail = fmt.upper() + "".join(f" · {k}={v}" for k, v in sorted(params.items()))
+        counts = f"{done:,}" if total is None else f"{done:,} of {total:,}"
+        running = state == JobState.RUNNING
+        percent = round(progress(state, done, total) * 100, 1) if running else None
+        rows.append(Row("job", job_id, created_at, f"#{job_id} {dataset}", detail, lane, owner,
+                        state, counts, percent, state in JobState.ACTIVE))
+    return rows
+
+
+def email_rows(conditions: list, limit: int) -> list[Row]:
+    """Email tasks of the critical lane newest first, as rows of the list."""
+    result = db.session.connection().execute(EMAILS.where(*conditions).limit(limit))
+    return [Row("email", email_id, created_at, f"email {email_id} {kind}",
+                subject + (f" · export #{job_id}" if job_id else ""), "critical", to, state,
+                f"{attempts} attempt(s)", None, False)
+            for email_id, kind, subject, job_id, state, attempts, created_at, to in result]
 
 
 @dataclass(frozen=True)
@@ -232,22 +277,18 @@ def page_of_rows(where: JobFilter, cursor: Cursor, size: int = PAGE
     if job_where is not None:
         if cursor.job is not None:
             job_where.append(ExportJob.id < cursor.job)
-        query = (select(ExportJob, User.email).join(User, User.id == ExportJob.user_id)
-                 .where(*job_where).order_by(ExportJob.id.desc()).limit(size + 1))
-        candidates += [Row("job", job, email) for job, email in db.session.execute(query)]
+        candidates += job_rows(job_where, size + 1)
     email_where = where.email_conditions()
     if email_where is not None:
         if cursor.email is not None:
             email_where.append(OutboundEmail.id < cursor.email)
-        query = (select(OutboundEmail).where(*email_where)
-                 .order_by(OutboundEmail.id.desc()).limit(size + 1))
-        candidates += [Row("email", e, e.to_address) for e in db.session.scalars(query)]
-    candidates.sort(key=lambda r: (r.created_at, r.item.id), reverse=True)
+        candidates += email_rows(email_where, size + 1)
+    candidates.sort(key=lambda r: (r.created_at, r.id), reverse=True)
     rows = candidates[:size]
     if len(candidates) <= size:
         return rows, None
-    jobs = [r.item.id for r in rows if r.kind == "job"]
-    emails = [r.item.id for r in rows if r.kind == "email"]
+    jobs = [r.id for r in rows if r.kind == "job"]
+    emails = [r.id for r in rows if r.kind == "email"]
     return rows, Cursor(min(jobs) if jobs else cursor.job,
                         min(emails) if emails else cursor.email)
 
@@ -286,8 +327,10 @@ def _job(job_id: int) -> ExportJob:
 @staff_required
 def job_row(job_id: int):
     """The live row of the list: it polls while the job is active, then stops."""
-    job = _job(job_id)
-    return _render("admin/_row.html", row=Row("job", job, job.user.email))
+    rows = job_rows([ExportJob.id == job_id], 1)
+    if not rows:
+        abort(404)
+    return _render("admin/_rows.html", rows=rows)
 
 
 @bp.get("/jobs/<int:job_id>")
