@@ -19,7 +19,8 @@ from flask import (
     url_for,
 )
 from flask_login import current_user, login_required
-from sqlalchemy import ColumnElement, ScalarSelect, Text, cast, func, select
+from sqlalchemy import ColumnElement, ScalarSelect, func, select
+from sqlalchemy.orm import InstrumentedAttribute
 from werkzeug.datastructures import MultiDict
 
 from jobs import dispatch, retention
@@ -30,6 +31,7 @@ from webapp.models import (
     AdminAction,
     EmailState,
     ExportJob,
+    JobParamValue,
     JobState,
     OutboundEmail,
     User,
@@ -116,6 +118,21 @@ class JobFilter:
         return {k: (v.isoformat() if isinstance(v, date) else v)
                 for k, v in asdict(self).items() if v}
 
+    @property
+    def value(self) -> str:
+        """The parameter value searched for (lowercase, as job_param_values holds them), or ""
+        when the search is empty, a job id or an email address."""
+        if not self.q or "@" in self.q or self.q.removeprefix("#").isdigit():
+            return ""
+        return self.q.lower()
+
+    @property
+    def job_key(self) -> InstrumentedAttribute:
+        """The job id to page by, newest first. A value search reads job_param_values' own
+        job_id, so the database walks that value's index in order: sorting every match
+        (SQLite does not carry the order across the join) would cost as much as a scan."""
+        return JobParamValue.job_id if self.value else ExportJob.id
+
     def _addresses(self) -> list[str]:
         """The user filter and an address searched for, lowercase as users' emails are stored."""
         return [email.lower() for email in (self.user, self.q if "@" in self.q else "") if email]
@@ -142,13 +159,10 @@ class JobFilter:
             hi = datetime.combine(self.date_to + timedelta(days=1), datetime.min.time())
             last = _first_id(ExportJob.created_at < hi, ExportJob.created_at.desc())
             where += [ExportJob.created_at < hi, ExportJob.id <= last + ID_SLACK]
-        if self.q and "@" not in self.q:
-            number = self.q.removeprefix("#")
-            if number.isdigit():
-                where.append(ExportJob.id == int(number))
-            else:
-                where.append(cast(ExportJob.params, Text).like(f"%{_escape(self.q)}%",
-                                                                escape="\\"))
+        if self.value:
+            where += [JobParamValue.value == self.value, JobParamValue.job_id == ExportJob.id]
+        elif self.q and "@" not in self.q:
+            where.append(ExportJob.id == int(self.q.removeprefix("#")))
         return where
 
     def email_conditions(self) -> list | None:
@@ -221,17 +235,19 @@ class Row:
 JOBS = (select(ExportJob.id, ExportJob.dataset, ExportJob.params, ExportJob.format,
                ExportJob.lane, ExportJob.state, ExportJob.rows_done, ExportJob.rows_total,
                ExportJob.created_at, User.email)
-        .join(User, User.id == ExportJob.user_id).order_by(ExportJob.id.desc()))
+        .join(User, User.id == ExportJob.user_id))
 EMAILS = (select(OutboundEmail.id, OutboundEmail.kind, OutboundEmail.subject,
                  OutboundEmail.job_id, OutboundEmail.state, OutboundEmail.attempts,
                  OutboundEmail.created_at, OutboundEmail.to_address)
           .order_by(OutboundEmail.id.desc()))
 
 
-def job_rows(conditions: list, limit: int) -> list[Row]:
-    """Export jobs newest first, as rows of the list."""
+def job_rows(conditions: list, limit: int, key: InstrumentedAttribute = ExportJob.id
+             ) -> list[Row]:
+    """Export jobs newest first (by `key`, see JobFilter.job_key), as rows of the list."""
+    result = db.session.connection().execute(
+        JOBS.where(*conditions).order_by(key.desc()).limit(limit))
     rows = []
-    result = db.session.connection().execute(JOBS.where(*conditions).limit(limit))
     for job_id, dataset, params, fmt, lane, state, done, total, created_at, owner in result:
         detail = fmt.upper() + "".join(f" · {k}={v}" for k, v in sorted(params.items()))
         counts = f"{done:,}" if total is None else f"{done:,} of {total:,}"
@@ -276,8 +292,8 @@ def page_of_rows(where: JobFilter, cursor: Cursor, size: int = PAGE
     job_where = where.job_conditions()
     if job_where is not None:
         if cursor.job is not None:
-            job_where.append(ExportJob.id < cursor.job)
-        candidates += job_rows(job_where, size + 1)
+            job_where.append(where.job_key < cursor.job)
+        candidates += job_rows(job_where, size + 1, where.job_key)
     email_where = where.email_conditions()
     if email_where is not None:
         if cursor.email is not None:
@@ -399,8 +415,8 @@ def _matching_ids(where: JobFilter, action: str) -> Iterator[list[int]]:
     while True:
         query = select(ExportJob.id).where(*conditions, ExportJob.state.in_(allowed))
         if last is not None:
-            query = query.where(ExportJob.id < last)
-        chunk = db.session.scalars(query.order_by(ExportJob.id.desc()).limit(500)).all()
+            query = query.where(where.job_key < last)
+        chunk = db.session.scalars(query.order_by(where.job_key.desc()).limit(500)).all()
         if not chunk:
             return
         yield list(chunk)

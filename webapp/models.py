@@ -161,6 +161,14 @@ class ExportJob(db.Model):
     attempts: Mapped[list[JobAttempt]] = relationship(
         back_populates="job", order_by="JobAttempt.number", cascade="all, delete-orphan"
     )
+    param_values: Mapped[list[JobParamValue]] = relationship(cascade="all, delete-orphan",
+                                                             passive_deletes=True)
+
+    @validates("params")
+    def _index_param_values(self, _key: str, params: dict) -> dict:
+        """Keep job_param_values in step with the parameters, for the admin search."""
+        self.param_values = [JobParamValue(value=v) for v in param_search_values(params)]
+        return params
 
     @property
     def finished(self) -> bool:
@@ -174,6 +182,21 @@ class ExportJob(db.Model):
         """What the browser saves the file as, e.g. transactions-acme-2026-11-22.csv."""
         day = self.created_at.date().isoformat()
         return f"{self.dataset}-{self.organisation.slug}-{day}.{self.format}"
+
+
+def param_search_values(params: dict) -> set[str]:
+    """What the admin search matches a job's parameters by: each value, lowercase."""
+    return {str(value).lower() for value in params.values()}
+
+
+class JobParamValue(db.Model):
+    """One parameter value of a job, so searching jobs by a value is an exact match on the
+    primary key (value, job_id) instead of a scan of every job's JSON."""
+
+    __tablename__ = "job_param_values"
+    value: Mapped[str] = mapped_column(Text, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("export_jobs.id", ondelete="CASCADE"),
+                                        primary_key=True)
 
 
 class JobAttempt(db.Model):
