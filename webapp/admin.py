@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import date, datetime, timedelta
 
 from flask import (
@@ -115,8 +115,8 @@ class JobFilter:
 
     def args(self) -> dict[str, str]:
         """The filter as query arguments (only those set), for links and hidden fields."""
-        return {k: (v.isoformat() if isinstance(v, date) else v)
-                for k, v in asdict(self).items() if v}
+        values = ((f.name, getattr(self, f.name)) for f in fields(self))
+        return {k: (v.isoformat() if isinstance(v, date) else v) for k, v in values if v}
 
     @property
     def value(self) -> str:
@@ -327,7 +327,7 @@ def home():
 def jobs():
     where = JobFilter.from_args(request.args)
     rows, after = page_of_rows(where, Cursor.parse(request.args.get("after")))
-    return _render("admin/jobs.html", rows=rows, where=where, after=after,
+    return _render("admin/jobs.html", rows=rows, where=where, args=where.args(), after=after,
                    paged=bool(request.args.get("after")), states=(*JOB_STATES, *EMAIL_STATES),
                    lanes=LANES, datasets=DATASETS)
 
