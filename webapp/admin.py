@@ -231,15 +231,15 @@ class Row:
 
 
 # The list reads plain rows of the columns it shows (no ORM objects, no bodies or
-# tracebacks), through the session's connection; statements are built once.
-JOBS = (select(ExportJob.id, ExportJob.dataset, ExportJob.params, ExportJob.format,
-               ExportJob.lane, ExportJob.state, ExportJob.rows_done, ExportJob.rows_total,
-               ExportJob.created_at, User.email)
-        .join(User, User.id == ExportJob.user_id))
-EMAILS = (select(OutboundEmail.id, OutboundEmail.kind, OutboundEmail.subject,
-                 OutboundEmail.job_id, OutboundEmail.state, OutboundEmail.attempts,
-                 OutboundEmail.created_at, OutboundEmail.to_address)
-          .order_by(OutboundEmail.id.desc()))
+# tracebacks), through the session's connection, selecting table columns: the ORM's
+# annotated columns cost about a third more per execution to match the cached statement.
+_job, _user, _email = ExportJob.__table__.c, User.__table__.c, OutboundEmail.__table__.c
+JOBS = (select(_job.id, _job.dataset, _job.params, _job.format, _job.lane, _job.state,
+               _job.rows_done, _job.rows_total, _job.created_at, _user.email)
+        .join(User.__table__, _user.id == _job.user_id))
+EMAILS = (select(_email.id, _email.kind, _email.subject, _email.job_id, _email.state,
+                 _email.attempts, _email.created_at, _email.to_address)
+          .order_by(_email.id.desc()))
 
 
 def job_rows(conditions: list, limit: int, key: InstrumentedAttribute = ExportJob.id
