@@ -42,8 +42,9 @@ from webapp.models import (
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 PAGE = 25  # rows per page, as in Sidekiq's Web UI: a page renders in a few ms
 # Dates also bound the id (found through the created_at index), so a newest-first scan starts
-# at the chosen days instead of walking every newer job. Ids follow creation time except among
-# jobs inserted concurrently; this slack (far more than concurrent writers) keeps it exact.
+# at the chosen days instead of walking every newer row. Ids of jobs and emails follow creation
+# time except among rows inserted concurrently; this slack (far more than concurrent writers)
+# keeps it exact.
 ID_SLACK = 1000
 JOB_STATES = (*JobState.ACTIVE, *JobState.FINISHED)
 EMAIL_STATES = (EmailState.QUEUED, EmailState.SENDING, EmailState.RETRYING, EmailState.SENT,
@@ -137,6 +138,20 @@ class JobFilter:
         """The user filter and an address searched for, lowercase as users' emails are stored."""
         return [email.lower() for email in (self.user, self.q if "@" in self.q else "") if email]
 
+    def _dates(self, model: type[ExportJob | OutboundEmail]) -> list:
+        """The date range over `model` (export jobs or emails), also as bounds on the id found
+        through its created_at index, so a newest-first scan starts at the chosen days."""
+        where: list = []
+        if self.date_from:
+            lo = datetime.combine(self.date_from, datetime.min.time())
+            first = _first_id(model, model.created_at >= lo, model.created_at)
+            where += [model.created_at >= lo, model.id >= first - ID_SLACK]
+        if self.date_to:
+            hi = datetime.combine(self.date_to + timedelta(days=1), datetime.min.time())
+            last = _first_id(model, model.created_at < hi, model.created_at.desc())
+            where += [model.created_at < hi, model.id <= last + ID_SLACK]
+        return where
+
     def job_conditions(self) -> list | None:
         """WHERE clauses over export_jobs; None when no export job can match."""
         where: list = []
@@ -151,14 +166,7 @@ class JobFilter:
         for address in self._addresses():  # an unknown address: NULL, so nothing matches
             owner = select(User.id).where(User.email == address).scalar_subquery()
             where.append(ExportJob.user_id == owner)
-        if self.date_from:
-            lo = datetime.combine(self.date_from, datetime.min.time())
-            first = _first_id(ExportJob.created_at >= lo, ExportJob.created_at)
-            where += [ExportJob.created_at >= lo, ExportJob.id >= first - ID_SLACK]
-        if self.date_to:
-            hi = datetime.combine(self.date_to + timedelta(days=1), datetime.min.time())
-            last = _first_id(ExportJob.created_at < hi, ExportJob.created_at.desc())
-            where += [ExportJob.created_at < hi, ExportJob.id <= last + ID_SLACK]
+        where += self._dates(ExportJob)
         if self.value:
             where += [JobParamValue.value == self.value, JobParamValue.job_id == ExportJob.id]
         elif self.q and "@" not in self.q:
@@ -176,12 +184,7 @@ class JobFilter:
             where.append(OutboundEmail.state == self.state)
         for address in self._addresses():
             where.append(OutboundEmail.to_address == address)
-        if self.date_from:
-            where.append(OutboundEmail.created_at >= datetime.combine(self.date_from,
-                                                                      datetime.min.time()))
-        if self.date_to:
-            where.append(OutboundEmail.created_at < datetime.combine(
-                self.date_to + timedelta(days=1), datetime.min.time()))
+        where += self._dates(OutboundEmail)
         if self.q and "@" not in self.q:
             number = self.q.removeprefix("#")
             if number.isdigit():
@@ -191,10 +194,11 @@ class JobFilter:
         return where
 
 
-def _first_id(condition: ColumnElement, order: ColumnElement) -> ScalarSelect:
-    """The id of the first export job by `order` meeting `condition`, as a subquery of the
-    list's own query (NULL when none does, so nothing matches)."""
-    return (select(ExportJob.id).where(condition).order_by(order).limit(1)
+def _first_id(model: type[ExportJob | OutboundEmail], condition: ColumnElement,
+              order: ColumnElement) -> ScalarSelect:
+    """The id of the first row of `model` by `order` meeting `condition`, as a subquery of
+    the list's own query (NULL when none does, so nothing matches)."""
+    return (select(model.id).where(condition).order_by(order).limit(1)
             .correlate(None).scalar_subquery())
 
 

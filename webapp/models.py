@@ -228,7 +228,8 @@ class OutboundEmail(db.Model):
     """An email to send, recorded before it is sent: the unique key makes sending idempotent."""
 
     __tablename__ = "outbound_emails"
-    __table_args__ = (Index("ix_outbound_emails_to_address", "to_address"),)
+    __table_args__ = (Index("ix_outbound_emails_to_address", "to_address"),
+                      Index("ix_outbound_emails_created_at", "created_at"))
     id: Mapped[int] = mapped_column(primary_key=True)
     key: Mapped[str] = mapped_column(String(200), unique=True)
     kind: Mapped[str] = mapped_column(String(40))
