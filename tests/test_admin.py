@@ -125,6 +125,7 @@ def test_filters_and_search(app, admin):
 
     assert search(f"TAG-{tag}") == [f"job-row-{a}"]
     assert search(tag) == []
+    assert search("Your export is ready") == []  # emails are found by id, address, state, date
     assert search("100%_") == []
     # bad input is ignored, never a 500
     for args in ({"state": "nope"}, {"date_from": "yesterday"}, {"after": "x.y"},

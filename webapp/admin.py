@@ -174,8 +174,11 @@ class JobFilter:
         return where
 
     def email_conditions(self) -> list | None:
-        """WHERE clauses over outbound_emails (the critical lane's email tasks), or None."""
-        if self.dataset or self.lane not in ("", "critical"):
+        """WHERE clauses over outbound_emails (the critical lane's email tasks), or None.
+
+        A parameter-value search matches no email: matching subjects would be a substring scan
+        of every email, as slow as the JSON scan job_param_values replaced."""
+        if self.dataset or self.value or self.lane not in ("", "critical"):
             return None
         where: list = []
         if self.state:
@@ -186,11 +189,7 @@ class JobFilter:
             where.append(OutboundEmail.to_address == address)
         where += self._dates(OutboundEmail)
         if self.q and "@" not in self.q:
-            number = self.q.removeprefix("#")
-            if number.isdigit():
-                where.append(OutboundEmail.job_id == int(number))
-            else:
-                where.append(OutboundEmail.subject.like(f"%{_escape(self.q)}%", escape="\\"))
+            where.append(OutboundEmail.job_id == int(self.q.removeprefix("#")))
         return where
 
 
@@ -200,10 +199,6 @@ def _first_id(model: type[ExportJob | OutboundEmail], condition: ColumnElement,
     the list's own query (NULL when none does, so nothing matches)."""
     return (select(model.id).where(condition).order_by(order).limit(1)
             .correlate(None).scalar_subquery())
-
-
-def _escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 @dataclass(frozen=True, slots=True)
