@@ -291,4 +291,6 @@ def test_api_jobs_lists_mine_or_everyone_for_staff(app, alice, admin):
     body = admin.get("/api/jobs?state=failed&lane=exports").json
     assert {mine, theirs} <= {j["id"] for j in body["jobs"]}
     assert all(j["state"] == "failed" for j in body["jobs"])
+    dated = admin.get("/api/jobs", query_string={"state": "failed", "date_from": "2000-01-01"})
+    assert {mine, theirs} <= {j["id"] for j in dated.json["jobs"]}
     assert alice.get("/api/lanes").status_code == 403

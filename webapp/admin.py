@@ -19,8 +19,7 @@ from flask import (
     url_for,
 )
 from flask_login import current_user, login_required
-from sqlalchemy import ColumnElement, ScalarSelect, func, select
-from sqlalchemy.orm import InstrumentedAttribute
+from sqlalchemy import Column, DateTime, Table, bindparam, func, select
 from werkzeug.datastructures import MultiDict
 
 from jobs import dispatch, retention
@@ -41,16 +40,41 @@ from webapp.models import (
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 PAGE = 25  # rows per page, as in Sidekiq's Web UI: a page renders in a few ms
-# Dates also bound the id (found through the created_at index), so a newest-first scan starts
-# at the chosen days instead of walking every newer row. Ids of jobs and emails follow creation
-# time except among rows inserted concurrently; this slack (far more than concurrent writers)
-# keeps it exact.
+# Ids of jobs and emails follow creation time except among rows inserted concurrently; this
+# slack (far more than concurrent writers) lets dates bound ids exactly (_date_range).
 ID_SLACK = 1000
 JOB_STATES = (*JobState.ACTIVE, *JobState.FINISHED)
 EMAIL_STATES = (EmailState.QUEUED, EmailState.SENDING, EmailState.RETRYING, EmailState.SENT,
                 EmailState.FAILED)
 ACTIONS = {"cancel": (dispatch.CANCELLABLE, "cancelled"),
            "retry": (dispatch.RETRYABLE, "retried")}
+# The list's statements are built per request from table columns: expressions over the ORM's
+# annotated attributes cost about a third more to build and to run from the statement cache.
+job_c, user_c, email_c = ExportJob.__table__.c, User.__table__.c, OutboundEmail.__table__.c
+param_c = JobParamValue.__table__.c
+
+
+def _date_range(table: Table) -> tuple[list, list]:
+    """WHERE clauses over `table` (export jobs or emails) for the start and the end of a date
+    range, given as the bound parameters range_start and range_end (JobFilter.params): built once,
+    as they cost more to build than to run. The dates also bound the id, read from the
+    created_at index, so a newest-first scan starts at the chosen days.
+
+    A row created before another never has an id more than ID_SLACK above it. So no id in
+    the range exceeds the highest id among the ID_SLACK rows created last before its end
+    (exact: every page starts its scan there), and none is below the id of the first row
+    created at its start minus ID_SLACK (only the last page walks that slack)."""
+    c = table.c
+    lo, hi = bindparam("range_start", type_=DateTime()), bindparam("range_end", type_=DateTime())
+    first = (select(c.id).where(c.created_at >= lo).order_by(c.created_at).limit(1)
+             .correlate(None).scalar_subquery())
+    last = (select(c.id).where(c.created_at < hi).order_by(c.created_at.desc())
+            .limit(ID_SLACK).subquery())
+    return ([c.created_at >= lo, c.id >= first - ID_SLACK],
+            [c.created_at < hi, c.id <= select(func.max(last.c.id)).scalar_subquery()])
+
+
+DATE_RANGE = {t.name: _date_range(t) for t in (ExportJob.__table__, OutboundEmail.__table__)}
 
 
 def staff_required(view: Callable) -> Callable:
@@ -128,29 +152,27 @@ class JobFilter:
         return self.q.lower()
 
     @property
-    def job_key(self) -> InstrumentedAttribute:
+    def job_key(self) -> Column:
         """The job id to page by, newest first. A value search reads job_param_values' own
         job_id, so the database walks that value's index in order: sorting every match
         (SQLite does not carry the order across the join) would cost as much as a scan."""
-        return JobParamValue.job_id if self.value else ExportJob.id
+        return param_c.job_id if self.value else job_c.id
 
     def _addresses(self) -> list[str]:
         """The user filter and an address searched for, lowercase as users' emails are stored."""
         return [email.lower() for email in (self.user, self.q if "@" in self.q else "") if email]
 
-    def _dates(self, model: type[ExportJob | OutboundEmail]) -> list:
-        """The date range over `model` (export jobs or emails), also as bounds on the id found
-        through its created_at index, so a newest-first scan starts at the chosen days."""
-        where: list = []
-        if self.date_from:
-            lo = datetime.combine(self.date_from, datetime.min.time())
-            first = _first_id(model, model.created_at >= lo, model.created_at)
-            where += [model.created_at >= lo, model.id >= first - ID_SLACK]
-        if self.date_to:
-            hi = datetime.combine(self.date_to + timedelta(days=1), datetime.min.time())
-            last = _first_id(model, model.created_at < hi, model.created_at.desc())
-            where += [model.created_at < hi, model.id <= last + ID_SLACK]
-        return where
+    def params(self) -> dict[str, datetime]:
+        """Values for the bound parameters of the conditions (the date range, from midnight
+        starting its first day to midnight ending its last): pass them to every execution of
+        a statement built from job_conditions() or email_conditions()."""
+        days = {"range_start": self.date_from,
+                "range_end": self.date_to and self.date_to + timedelta(days=1)}
+        return {k: datetime.combine(day, datetime.min.time()) for k, day in days.items() if day}
+
+    def _dates(self, table: Table) -> list:
+        start, end = DATE_RANGE[table.name]
+        return (start if self.date_from else []) + (end if self.date_to else [])
 
     def job_conditions(self) -> list | None:
         """WHERE clauses over export_jobs; None when no export job can match."""
@@ -158,19 +180,19 @@ class JobFilter:
         if self.state:
             if self.state not in JOB_STATES:
                 return None
-            where.append(ExportJob.state == self.state)
+            where.append(job_c.state == self.state)
         if self.lane:
-            where.append(ExportJob.lane == self.lane)
+            where.append(job_c.lane == self.lane)
         if self.dataset:
-            where.append(ExportJob.dataset == self.dataset)
+            where.append(job_c.dataset == self.dataset)
         for address in self._addresses():  # an unknown address: NULL, so nothing matches
-            owner = select(User.id).where(User.email == address).scalar_subquery()
-            where.append(ExportJob.user_id == owner)
-        where += self._dates(ExportJob)
+            owner = select(user_c.id).where(user_c.email == address).scalar_subquery()
+            where.append(job_c.user_id == owner)
+        where += self._dates(ExportJob.__table__)
         if self.value:
-            where += [JobParamValue.value == self.value, JobParamValue.job_id == ExportJob.id]
+            where += [param_c.value == self.value, param_c.job_id == job_c.id]
         elif self.q and "@" not in self.q:
-            where.append(ExportJob.id == int(self.q.removeprefix("#")))
+            where.append(job_c.id == int(self.q.removeprefix("#")))
         return where
 
     def email_conditions(self) -> list | None:
@@ -184,21 +206,13 @@ class JobFilter:
         if self.state:
             if self.state not in EMAIL_STATES:
                 return None
-            where.append(OutboundEmail.state == self.state)
+            where.append(email_c.state == self.state)
         for address in self._addresses():
-            where.append(OutboundEmail.to_address == address)
-        where += self._dates(OutboundEmail)
+            where.append(email_c.to_address == address)
+        where += self._dates(OutboundEmail.__table__)
         if self.q and "@" not in self.q:
-            where.append(OutboundEmail.job_id == int(self.q.removeprefix("#")))
+            where.append(email_c.job_id == int(self.q.removeprefix("#")))
         return where
-
-
-def _first_id(model: type[ExportJob | OutboundEmail], condition: ColumnElement,
-              order: ColumnElement) -> ScalarSelect:
-    """The id of the first row of `model` by `order` meeting `condition`, as a subquery of
-    the list's own query (NULL when none does, so nothing matches)."""
-    return (select(model.id).where(condition).order_by(order).limit(1)
-            .correlate(None).scalar_subquery())
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,22 +244,20 @@ class Row:
 
 
 # The list reads plain rows of the columns it shows (no ORM objects, no bodies or
-# tracebacks), through the session's connection, selecting table columns: the ORM's
-# annotated columns cost about a third more per execution to match the cached statement.
-_job, _user, _email = ExportJob.__table__.c, User.__table__.c, OutboundEmail.__table__.c
-JOBS = (select(_job.id, _job.dataset, _job.params, _job.format, _job.lane, _job.state,
-               _job.rows_done, _job.rows_total, _job.created_at, _user.email)
-        .join(User.__table__, _user.id == _job.user_id))
-EMAILS = (select(_email.id, _email.kind, _email.subject, _email.job_id, _email.state,
-                 _email.attempts, _email.created_at, _email.to_address)
-          .order_by(_email.id.desc()))
+# tracebacks), through the session's connection; statements are built once.
+JOBS = (select(job_c.id, job_c.dataset, job_c.params, job_c.format, job_c.lane, job_c.state,
+               job_c.rows_done, job_c.rows_total, job_c.created_at, user_c.email)
+        .join(User.__table__, user_c.id == job_c.user_id))
+EMAILS = (select(email_c.id, email_c.kind, email_c.subject, email_c.job_id, email_c.state,
+                 email_c.attempts, email_c.created_at, email_c.to_address)
+          .order_by(email_c.id.desc()))
 
 
-def job_rows(conditions: list, limit: int, key: InstrumentedAttribute = ExportJob.id
+def job_rows(conditions: list, limit: int, key: Column = job_c.id, params: dict | None = None
              ) -> list[Row]:
     """Export jobs newest first (by `key`, see JobFilter.job_key), as rows of the list."""
     result = db.session.connection().execute(
-        JOBS.where(*conditions).order_by(key.desc()).limit(limit))
+        JOBS.where(*conditions).order_by(key.desc()).limit(limit), params)
     rows = []
     for job_id, dataset, params, fmt, lane, state, done, total, created_at, owner in result:
         detail = fmt.upper() + "".join(f" · {k}={v}" for k, v in sorted(params.items()))
@@ -257,9 +269,9 @@ def job_rows(conditions: list, limit: int, key: InstrumentedAttribute = ExportJo
     return rows
 
 
-def email_rows(conditions: list, limit: int) -> list[Row]:
+def email_rows(conditions: list, limit: int, params: dict | None = None) -> list[Row]:
     """Email tasks of the critical lane newest first, as rows of the list."""
-    result = db.session.connection().execute(EMAILS.where(*conditions).limit(limit))
+    result = db.session.connection().execute(EMAILS.where(*conditions).limit(limit), params)
     return [Row("email", email_id, created_at, f"email {email_id} {kind}",
                 subject + (f" · export #{job_id}" if job_id else ""), "critical", to, state,
                 f"{attempts} attempt(s)", None, False)
@@ -292,12 +304,12 @@ def page_of_rows(where: JobFilter, cursor: Cursor, size: int = PAGE
     if job_where is not None:
         if cursor.job is not None:
             job_where.append(where.job_key < cursor.job)
-        candidates += job_rows(job_where, size + 1, where.job_key)
+        candidates += job_rows(job_where, size + 1, where.job_key, where.params())
     email_where = where.email_conditions()
     if email_where is not None:
         if cursor.email is not None:
-            email_where.append(OutboundEmail.id < cursor.email)
-        candidates += email_rows(email_where, size + 1)
+            email_where.append(email_c.id < cursor.email)
+        candidates += email_rows(email_where, size + 1, where.params())
     candidates.sort(key=lambda r: (r.created_at, r.id), reverse=True)
     rows = candidates[:size]
     if len(candidates) <= size:
@@ -342,7 +354,7 @@ def _job(job_id: int) -> ExportJob:
 @staff_required
 def job_row(job_id: int):
     """The live row of the list: it polls while the job is active, then stops."""
-    rows = job_rows([ExportJob.id == job_id], 1)
+    rows = job_rows([job_c.id == job_id], 1)
     if not rows:
         abort(404)
     return _render("admin/_rows.html", rows=rows)
@@ -415,7 +427,8 @@ def _matching_ids(where: JobFilter, action: str) -> Iterator[list[int]]:
         query = select(ExportJob.id).where(*conditions, ExportJob.state.in_(allowed))
         if last is not None:
             query = query.where(where.job_key < last)
-        chunk = db.session.scalars(query.order_by(where.job_key.desc()).limit(500)).all()
+        chunk = db.session.scalars(query.order_by(where.job_key.desc()).limit(500),
+                                   where.params()).all()
         if not chunk:
             return
         yield list(chunk)
@@ -427,7 +440,7 @@ def _count_matching(where: JobFilter, action: str) -> int:
     if conditions is None:
         return 0
     return db.session.scalar(select(func.count()).select_from(ExportJob).where(
-        *conditions, ExportJob.state.in_(ACTIONS[action][0])))
+        *conditions, ExportJob.state.in_(ACTIONS[action][0])), where.params())
 
 
 @bp.get("/jobs/bulk")

@@ -86,7 +86,8 @@ def list_jobs():
     if before.isdigit():
         conditions.append(where.job_key < int(before))
     jobs = db.session.scalars(select(ExportJob).where(*conditions)
-                              .order_by(where.job_key.desc()).limit(PAGE + 1)).all()
+                              .order_by(where.job_key.desc()).limit(PAGE + 1),
+                              where.params()).all()
     following = None
     if len(jobs) > PAGE:
         jobs = jobs[:PAGE]
