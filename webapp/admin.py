@@ -74,7 +74,7 @@ def _date_range(table: Table) -> tuple[list, list]:
             [c.created_at < hi, c.id <= select(func.max(last.c.id)).scalar_subquery()])
 
 
-DATE_RANGE = {t.name: _date_range(t) for t in (ExportJob.__table__, OutboundEmail.__table__)}
+DATE_RANGE = {t: _date_range(t) for t in (ExportJob.__table__, OutboundEmail.__table__)}
 
 
 def staff_required(view: Callable) -> Callable:
@@ -171,7 +171,7 @@ class JobFilter:
         return {k: datetime.combine(day, datetime.min.time()) for k, day in days.items() if day}
 
     def _dates(self, table: Table) -> list:
-        start, end = DATE_RANGE[table.name]
+        start, end = DATE_RANGE[table]
         return (start if self.date_from else []) + (end if self.date_to else [])
 
     def job_conditions(self) -> list | None:
@@ -253,11 +253,11 @@ EMAILS = (select(email_c.id, email_c.kind, email_c.subject, email_c.job_id, emai
           .order_by(email_c.id.desc()))
 
 
-def job_rows(conditions: list, limit: int, key: Column = job_c.id, params: dict | None = None
+def job_rows(conditions: list, limit: int, key: Column = job_c.id, binds: dict | None = None
              ) -> list[Row]:
     """Export jobs newest first (by `key`, see JobFilter.job_key), as rows of the list."""
     result = db.session.connection().execute(
-        JOBS.where(*conditions).order_by(key.desc()).limit(limit), params)
+        JOBS.where(*conditions).order_by(key.desc()).limit(limit), binds)
     rows = []
     for job_id, dataset, params, fmt, lane, state, done, total, created_at, owner in result:
         detail = fmt.upper() + "".join(f" · {k}={v}" for k, v in sorted(params.items()))
@@ -269,9 +269,9 @@ def job_rows(conditions: list, limit: int, key: Column = job_c.id, params: dict 
     return rows
 
 
-def email_rows(conditions: list, limit: int, params: dict | None = None) -> list[Row]:
+def email_rows(conditions: list, limit: int, binds: dict | None = None) -> list[Row]:
     """Email tasks of the critical lane newest first, as rows of the list."""
-    result = db.session.connection().execute(EMAILS.where(*conditions).limit(limit), params)
+    result = db.session.connection().execute(EMAILS.where(*conditions).limit(limit), binds)
     return [Row("email", email_id, created_at, f"email {email_id} {kind}",
                 subject + (f" · export #{job_id}" if job_id else ""), "critical", to, state,
                 f"{attempts} attempt(s)", None, False)
