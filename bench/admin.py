@@ -29,10 +29,11 @@ TARGET = 3.0
 
 
 def fill(jobs: int, chunk: int = 50_000) -> None:
-    """Users, then `jobs` export jobs spread over 30 days, oldest first (ids follow time)."""
+    """Users, then `jobs` export jobs spread over 30 days, oldest first (ids follow time), with
+    their parameter values as the app records them (job_param_values)."""
     from sqlalchemy import insert, select, text
 
-    from webapp.models import ExportJob, User, db
+    from webapp.models import ExportJob, JobParamValue, User, db, param_search_values
     from webapp.seed import seed
 
     seed(0)
@@ -59,7 +60,11 @@ def fill(jobs: int, chunk: int = 50_000) -> None:
                 "rows_done": 1000, "rows_total": 1000, "bytes": 50_000,
                 "created_at": start + timedelta(seconds=i * step),
             })
-        db.session.execute(insert(ExportJob.__table__), rows)
+        ids = db.session.scalars(insert(ExportJob.__table__).returning(
+            ExportJob.id, sort_by_parameter_order=True), rows).all()
+        db.session.execute(insert(JobParamValue.__table__), [
+            {"job_id": job_id, "value": value} for job_id, row in zip(ids, rows, strict=True)
+            for value in param_search_values(row["params"])])
         db.session.commit()
     with db.engine.begin() as conn:
         conn.execute(text("ANALYZE"))
@@ -111,32 +116,28 @@ def main() -> None:
                                 "csrf_token": token})
     deep = f"/admin/jobs?after={args.jobs // 2}."
     cases = [
-        ("tiny page: GET / (the export form)", "/", args.requests),
-        ("GET /healthz", "/healthz", args.requests),
-        ("jobs: first page", "/admin/jobs", args.requests),
-        ("jobs: state=failed&dataset=orders", "/admin/jobs?state=failed&dataset=orders",
-         args.requests),
-        ("jobs: user filter", "/admin/jobs?user=user-7@bench.test", args.requests),
-        ("jobs: deep page (keyset, halfway)", deep, args.requests),
-        ("jobs: date filter (one old day)", "/admin/jobs?date_from=2026-10-03&date_to=2026-10-03",
-         args.requests),
-        ("search: job id", f"/admin/jobs?q={args.jobs // 3}", args.requests),
-        ("search: user email", "/admin/jobs?q=user-42@bench.test", args.requests),
-        ("search: parameter value (common)", "/admin/jobs?q=refunded", args.requests),
-        ("search: parameter value (absent: full scan)", "/admin/jobs?q=no-such-value",
-         max(3, args.requests // 50)),
+        ("tiny page: GET / (the export form)", "/"),
+        ("GET /healthz", "/healthz"),
+        ("jobs: first page", "/admin/jobs"),
+        ("jobs: state=failed&dataset=orders", "/admin/jobs?state=failed&dataset=orders"),
+        ("jobs: user filter", "/admin/jobs?user=user-7@bench.test"),
+        ("jobs: deep page (keyset, halfway)", deep),
+        ("jobs: date filter (one old day)", "/admin/jobs?date_from=2026-10-03&date_to=2026-10-03"),
+        ("search: job id", f"/admin/jobs?q={args.jobs // 3}"),
+        ("search: user email", "/admin/jobs?q=user-42@bench.test"),
+        ("search: parameter value (common)", "/admin/jobs?q=refunded"),
+        ("search: parameter value (absent)", "/admin/jobs?q=no-such-value"),
     ]
     results = []
-    for name, url, count in cases:
-        samples = timed(client, url, count)
-        results.append((name, count, statistics.median(samples), p95(samples)))
+    for name, url in cases:
+        samples = timed(client, url, args.requests)
+        results.append((name, len(samples), statistics.median(samples), p95(samples)))
     reference = results[0][3]
     print(f"\n{'page':48} {'n':>5} {'p50 ms':>8} {'p95 ms':>8} {'p95/tiny':>9}")
     for name, count, p50, high in results:
         print(f"{name:48} {count:5d} {p50:8.2f} {high:8.2f} {high / reference:8.2f}x")
-    gated = [r for r in results[2:] if "full scan" not in r[0]]
-    worst = max(r[3] for r in gated) / reference
-    print(f"\nworst indexed list page p95 / tiny page p95: {worst:.2f}x "
+    worst = max(r[3] for r in results[2:]) / reference
+    print(f"\nworst list page p95 / tiny page p95: {worst:.2f}x "
           f"(target <= {TARGET:.0f}x: {'met' if worst <= TARGET else 'NOT met'})")
     folder.cleanup()
 

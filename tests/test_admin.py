@@ -119,8 +119,14 @@ def test_filters_and_search(app, admin):
     assert rows(q=f"#{b}") == [f"email-row-{e}", f"job-row-{b}"]
     assert rows(q=str(a)) == [f"job-row-{a}"]
     assert rows(q="BOB@globex.test") == [f"email-row-{e}", f"job-row-{b}"]
-    assert listed(admin.get("/admin/jobs", query_string={"q": tag}).text) == [f"job-row-{a}"]
-    assert listed(admin.get("/admin/jobs", query_string={"q": "100%_"}).text) == []
+    # a parameter value matches whole, in any case (an indexed lookup, not a substring scan)
+    def search(q: str) -> list[str]:
+        return listed(admin.get("/admin/jobs", query_string={"q": q}).text)
+
+    assert search(f"TAG-{tag}") == [f"job-row-{a}"]
+    assert search(tag) == []
+    assert search("Your export is ready") == []  # emails are found by id, address, state, date
+    assert search("100%_") == []
     # bad input is ignored, never a 500
     for args in ({"state": "nope"}, {"date_from": "yesterday"}, {"after": "x.y"},
                  {"lane": "../../etc"}, {"q": "'; drop table users; --"}):
@@ -285,4 +291,6 @@ def test_api_jobs_lists_mine_or_everyone_for_staff(app, alice, admin):
     body = admin.get("/api/jobs?state=failed&lane=exports").json
     assert {mine, theirs} <= {j["id"] for j in body["jobs"]}
     assert all(j["state"] == "failed" for j in body["jobs"])
+    dated = admin.get("/api/jobs", query_string={"state": "failed", "date_from": "2000-01-01"})
+    assert {mine, theirs} <= {j["id"] for j in dated.json["jobs"]}
     assert alice.get("/api/lanes").status_code == 403

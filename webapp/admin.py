@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from datetime import date, datetime, timedelta
 
 from flask import (
@@ -19,35 +19,62 @@ from flask import (
     url_for,
 )
 from flask_login import current_user, login_required
-from sqlalchemy import Text, cast, func, select
+from sqlalchemy import Column, DateTime, Table, bindparam, func, select
 from werkzeug.datastructures import MultiDict
 
 from jobs import dispatch, retention
 from jobs.datasets import DATASETS
 from jobs.engine import storage
 from jobs.lanes import LANES
-from webapp.auth import find_user
 from webapp.models import (
     AdminAction,
     EmailState,
     ExportJob,
+    JobParamValue,
     JobState,
     OutboundEmail,
     User,
     db,
+    progress,
 )
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 PAGE = 25  # rows per page, as in Sidekiq's Web UI: a page renders in a few ms
-# Dates also bound the id (found through the created_at index), so a newest-first scan starts
-# at the chosen days instead of walking every newer job. Ids follow creation time except among
-# jobs inserted concurrently; this slack (far more than concurrent writers) keeps it exact.
+# Ids of jobs and emails follow creation time except among rows inserted concurrently; this
+# slack (far more than concurrent writers) lets dates bound ids exactly (_date_range).
 ID_SLACK = 1000
 JOB_STATES = (*JobState.ACTIVE, *JobState.FINISHED)
 EMAIL_STATES = (EmailState.QUEUED, EmailState.SENDING, EmailState.RETRYING, EmailState.SENT,
                 EmailState.FAILED)
 ACTIONS = {"cancel": (dispatch.CANCELLABLE, "cancelled"),
            "retry": (dispatch.RETRYABLE, "retried")}
+# The list's statements are built per request from table columns: expressions over the ORM's
+# annotated attributes cost about a third more to build and to run from the statement cache.
+job_c, user_c, email_c = ExportJob.__table__.c, User.__table__.c, OutboundEmail.__table__.c
+param_c = JobParamValue.__table__.c
+
+
+def _date_range(table: Table) -> tuple[list, list]:
+    """WHERE clauses over `table` (export jobs or emails) for the start and the end of a date
+    range, given as the bound parameters range_start and range_end (JobFilter.params): built once,
+    as they cost more to build than to run. The dates also bound the id, read from the
+    created_at index, so a newest-first scan starts at the chosen days.
+
+    A row created before another never has an id more than ID_SLACK above it. So no id in
+    the range exceeds the highest id among the ID_SLACK rows created last before its end
+    (exact: every page starts its scan there), and none is below the id of the first row
+    created at its start minus ID_SLACK (only the last page walks that slack)."""
+    c = table.c
+    lo, hi = bindparam("range_start", type_=DateTime()), bindparam("range_end", type_=DateTime())
+    first = (select(c.id).where(c.created_at >= lo).order_by(c.created_at).limit(1)
+             .correlate(None).scalar_subquery())
+    last = (select(c.id).where(c.created_at < hi).order_by(c.created_at.desc())
+            .limit(ID_SLACK).subquery())
+    return ([c.created_at >= lo, c.id >= first - ID_SLACK],
+            [c.created_at < hi, c.id <= select(func.max(last.c.id)).scalar_subquery()])
+
+
+DATE_RANGE = {t: _date_range(t) for t in (ExportJob.__table__, OutboundEmail.__table__)}
 
 
 def staff_required(view: Callable) -> Callable:
@@ -113,11 +140,39 @@ class JobFilter:
 
     def args(self) -> dict[str, str]:
         """The filter as query arguments (only those set), for links and hidden fields."""
-        return {k: (v.isoformat() if isinstance(v, date) else v)
-                for k, v in asdict(self).items() if v}
+        values = ((f.name, getattr(self, f.name)) for f in fields(self))
+        return {k: (v.isoformat() if isinstance(v, date) else v) for k, v in values if v}
 
-    def _owner(self, email: str) -> User | None:
-        return find_user(email) if email else None
+    @property
+    def value(self) -> str:
+        """The parameter value searched for (lowercase, as job_param_values holds them), or ""
+        when the search is empty, a job id or an email address."""
+        if not self.q or "@" in self.q or self.q.removeprefix("#").isdigit():
+            return ""
+        return self.q.lower()
+
+    @property
+    def job_key(self) -> Column:
+        """The job id to page by, newest first. A value search reads job_param_values' own
+        job_id, so the database walks that value's index in order: sorting every match
+        (SQLite does not carry the order across the join) would cost as much as a scan."""
+        return param_c.job_id if self.value else job_c.id
+
+    def _addresses(self) -> list[str]:
+        """The user filter and an address searched for, lowercase as users' emails are stored."""
+        return [email.lower() for email in (self.user, self.q if "@" in self.q else "") if email]
+
+    def params(self) -> dict[str, datetime]:
+        """Values for the bound parameters of the conditions (the date range, from midnight
+        starting its first day to midnight ending its last): pass them to every execution of
+        a statement built from job_conditions() or email_conditions()."""
+        days = {"range_start": self.date_from,
+                "range_end": self.date_to and self.date_to + timedelta(days=1)}
+        return {k: datetime.combine(day, datetime.min.time()) for k, day in days.items() if day}
+
+    def _dates(self, table: Table) -> list:
+        start, end = DATE_RANGE[table]
+        return (start if self.date_from else []) + (end if self.date_to else [])
 
     def job_conditions(self) -> list | None:
         """WHERE clauses over export_jobs; None when no export job can match."""
@@ -125,85 +180,102 @@ class JobFilter:
         if self.state:
             if self.state not in JOB_STATES:
                 return None
-            where.append(ExportJob.state == self.state)
+            where.append(job_c.state == self.state)
         if self.lane:
-            where.append(ExportJob.lane == self.lane)
+            where.append(job_c.lane == self.lane)
         if self.dataset:
-            where.append(ExportJob.dataset == self.dataset)
-        for email in (self.user, self.q if "@" in self.q else ""):
-            if email:
-                owner = self._owner(email)
-                if owner is None:
-                    return None
-                where.append(ExportJob.user_id == owner.id)
-        if self.date_from:
-            lo = datetime.combine(self.date_from, datetime.min.time())
-            where.append(ExportJob.created_at >= lo)
-            first = db.session.scalar(select(ExportJob.id).where(ExportJob.created_at >= lo)
-                                      .order_by(ExportJob.created_at).limit(1))
-            if first is None:
-                return None
-            where.append(ExportJob.id >= first - ID_SLACK)
-        if self.date_to:
-            hi = datetime.combine(self.date_to + timedelta(days=1), datetime.min.time())
-            where.append(ExportJob.created_at < hi)
-            last = db.session.scalar(select(ExportJob.id).where(ExportJob.created_at < hi)
-                                     .order_by(ExportJob.created_at.desc()).limit(1))
-            if last is None:
-                return None
-            where.append(ExportJob.id <= last + ID_SLACK)
-        if self.q and "@" not in self.q:
-            number = self.q.removeprefix("#")
-            if number.isdigit():
-                where.append(ExportJob.id == int(number))
-            else:
-                where.append(cast(ExportJob.params, Text).like(f"%{_escape(self.q)}%",
-                                                                escape="\\"))
+            where.append(job_c.dataset == self.dataset)
+        for address in self._addresses():  # an unknown address: NULL, so nothing matches
+            owner = select(user_c.id).where(user_c.email == address).scalar_subquery()
+            where.append(job_c.user_id == owner)
+        where += self._dates(ExportJob.__table__)
+        if self.value:
+            where += [param_c.value == self.value, param_c.job_id == job_c.id]
+        elif self.q and "@" not in self.q:
+            where.append(job_c.id == int(self.q.removeprefix("#")))
         return where
 
     def email_conditions(self) -> list | None:
-        """WHERE clauses over outbound_emails (the critical lane's email tasks), or None."""
-        if self.dataset or self.lane not in ("", "critical"):
+        """WHERE clauses over outbound_emails (the critical lane's email tasks), or None.
+
+        A parameter-value search matches no email: matching subjects would be a substring scan
+        of every email, as slow as the JSON scan job_param_values replaced."""
+        if self.dataset or self.value or self.lane not in ("", "critical"):
             return None
         where: list = []
         if self.state:
             if self.state not in EMAIL_STATES:
                 return None
-            where.append(OutboundEmail.state == self.state)
-        for email in (self.user, self.q if "@" in self.q else ""):
-            if email:
-                owner = self._owner(email)
-                where.append(OutboundEmail.to_address == (owner.email if owner else email))
-        if self.date_from:
-            where.append(OutboundEmail.created_at >= datetime.combine(self.date_from,
-                                                                      datetime.min.time()))
-        if self.date_to:
-            where.append(OutboundEmail.created_at < datetime.combine(
-                self.date_to + timedelta(days=1), datetime.min.time()))
+            where.append(email_c.state == self.state)
+        for address in self._addresses():
+            where.append(email_c.to_address == address)
+        where += self._dates(OutboundEmail.__table__)
         if self.q and "@" not in self.q:
-            number = self.q.removeprefix("#")
-            if number.isdigit():
-                where.append(OutboundEmail.job_id == int(number))
-            else:
-                where.append(OutboundEmail.subject.like(f"%{_escape(self.q)}%", escape="\\"))
+            where.append(email_c.job_id == int(self.q.removeprefix("#")))
         return where
 
 
-def _escape(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
-
-
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Row:
-    """One line of the admin list: an export job or an email task of the critical lane."""
+    """One line of the admin list, an export job or an email task of the critical lane, as
+    the text it shows: a page renders 25 of them, so the template only places strings."""
 
-    kind: str  # "job" or "email"
-    item: ExportJob | OutboundEmail
+    kind: str  # "job" or "email": also the path under /admin/ (jobs/7, emails/3)
+    id: int
+    created_at: datetime
+    title: str
+    detail: str
+    lane: str
     owner: str
+    state: str
+    done: str  # rows of an export, attempts of an email
+    percent: float | None  # a running export's progress bar
+    live: bool  # an active export's row refreshes itself
 
     @property
-    def created_at(self) -> datetime:
-        return self.item.created_at
+    def requested(self) -> str:
+        """When it was asked for, ISO 8601 (naive UTC)."""
+        return self.created_at.isoformat()
+
+    @property
+    def requested_text(self) -> str:
+        """The same to the second, as the list shows it."""
+        return self.requested[:19].replace("T", " ")
+
+
+# The list reads plain rows of the columns it shows (no ORM objects, no bodies or
+# tracebacks), through the session's connection; statements are built once.
+JOBS = (select(job_c.id, job_c.dataset, job_c.params, job_c.format, job_c.lane, job_c.state,
+               job_c.rows_done, job_c.rows_total, job_c.created_at, user_c.email)
+        .join(User.__table__, user_c.id == job_c.user_id))
+EMAILS = (select(email_c.id, email_c.kind, email_c.subject, email_c.job_id, email_c.state,
+                 email_c.attempts, email_c.created_at, email_c.to_address)
+          .order_by(email_c.id.desc()))
+
+
+def job_rows(conditions: list, limit: int, key: Column = job_c.id, binds: dict | None = None
+             ) -> list[Row]:
+    """Export jobs newest first (by `key`, see JobFilter.job_key), as rows of the list."""
+    result = db.session.connection().execute(
+        JOBS.where(*conditions).order_by(key.desc()).limit(limit), binds)
+    rows = []
+    for job_id, dataset, params, fmt, lane, state, done, total, created_at, owner in result:
+        detail = fmt.upper() + "".join(f" · {k}={v}" for k, v in sorted(params.items()))
+        counts = f"{done:,}" if total is None else f"{done:,} of {total:,}"
+        running = state == JobState.RUNNING
+        percent = round(progress(state, done, total) * 100, 1) if running else None
+        rows.append(Row("job", job_id, created_at, f"#{job_id} {dataset}", detail, lane, owner,
+                        state, counts, percent, state in JobState.ACTIVE))
+    return rows
+
+
+def email_rows(conditions: list, limit: int, binds: dict | None = None) -> list[Row]:
+    """Email tasks of the critical lane newest first, as rows of the list."""
+    result = db.session.connection().execute(EMAILS.where(*conditions).limit(limit), binds)
+    return [Row("email", email_id, created_at, f"email {email_id} {kind}",
+                subject + (f" · export #{job_id}" if job_id else ""), "critical", to, state,
+                f"{attempts} attempt(s)", None, False)
+            for email_id, kind, subject, job_id, state, attempts, created_at, to in result]
 
 
 @dataclass(frozen=True)
@@ -231,23 +303,19 @@ def page_of_rows(where: JobFilter, cursor: Cursor, size: int = PAGE
     job_where = where.job_conditions()
     if job_where is not None:
         if cursor.job is not None:
-            job_where.append(ExportJob.id < cursor.job)
-        query = (select(ExportJob, User.email).join(User, User.id == ExportJob.user_id)
-                 .where(*job_where).order_by(ExportJob.id.desc()).limit(size + 1))
-        candidates += [Row("job", job, email) for job, email in db.session.execute(query)]
+            job_where.append(where.job_key < cursor.job)
+        candidates += job_rows(job_where, size + 1, where.job_key, where.params())
     email_where = where.email_conditions()
     if email_where is not None:
         if cursor.email is not None:
-            email_where.append(OutboundEmail.id < cursor.email)
-        query = (select(OutboundEmail).where(*email_where)
-                 .order_by(OutboundEmail.id.desc()).limit(size + 1))
-        candidates += [Row("email", e, e.to_address) for e in db.session.scalars(query)]
-    candidates.sort(key=lambda r: (r.created_at, r.item.id), reverse=True)
+            email_where.append(email_c.id < cursor.email)
+        candidates += email_rows(email_where, size + 1, where.params())
+    candidates.sort(key=lambda r: (r.created_at, r.id), reverse=True)
     rows = candidates[:size]
     if len(candidates) <= size:
         return rows, None
-    jobs = [r.item.id for r in rows if r.kind == "job"]
-    emails = [r.item.id for r in rows if r.kind == "email"]
+    jobs = [r.id for r in rows if r.kind == "job"]
+    emails = [r.id for r in rows if r.kind == "email"]
     return rows, Cursor(min(jobs) if jobs else cursor.job,
                         min(emails) if emails else cursor.email)
 
@@ -270,7 +338,7 @@ def home():
 def jobs():
     where = JobFilter.from_args(request.args)
     rows, after = page_of_rows(where, Cursor.parse(request.args.get("after")))
-    return _render("admin/jobs.html", rows=rows, where=where, after=after,
+    return _render("admin/jobs.html", rows=rows, where=where, args=where.args(), after=after,
                    paged=bool(request.args.get("after")), states=(*JOB_STATES, *EMAIL_STATES),
                    lanes=LANES, datasets=DATASETS)
 
@@ -286,8 +354,10 @@ def _job(job_id: int) -> ExportJob:
 @staff_required
 def job_row(job_id: int):
     """The live row of the list: it polls while the job is active, then stops."""
-    job = _job(job_id)
-    return _render("admin/_row.html", row=Row("job", job, job.user.email))
+    rows = job_rows([job_c.id == job_id], 1)
+    if not rows:
+        abort(404)
+    return _render("admin/_rows.html", rows=rows)
 
 
 @bp.get("/jobs/<int:job_id>")
@@ -356,8 +426,9 @@ def _matching_ids(where: JobFilter, action: str) -> Iterator[list[int]]:
     while True:
         query = select(ExportJob.id).where(*conditions, ExportJob.state.in_(allowed))
         if last is not None:
-            query = query.where(ExportJob.id < last)
-        chunk = db.session.scalars(query.order_by(ExportJob.id.desc()).limit(500)).all()
+            query = query.where(where.job_key < last)
+        chunk = db.session.scalars(query.order_by(where.job_key.desc()).limit(500),
+                                   where.params()).all()
         if not chunk:
             return
         yield list(chunk)
@@ -369,7 +440,7 @@ def _count_matching(where: JobFilter, action: str) -> int:
     if conditions is None:
         return 0
     return db.session.scalar(select(func.count()).select_from(ExportJob).where(
-        *conditions, ExportJob.state.in_(ACTIONS[action][0])))
+        *conditions, ExportJob.state.in_(ACTIONS[action][0])), where.params())
 
 
 @bp.get("/jobs/bulk")

@@ -84,9 +84,10 @@ def list_jobs():
         conditions.append(ExportJob.user_id == current_user.id)
     before = request.args.get("before", "")
     if before.isdigit():
-        conditions.append(ExportJob.id < int(before))
+        conditions.append(where.job_key < int(before))
     jobs = db.session.scalars(select(ExportJob).where(*conditions)
-                              .order_by(ExportJob.id.desc()).limit(PAGE + 1)).all()
+                              .order_by(where.job_key.desc()).limit(PAGE + 1),
+                              where.params()).all()
     following = None
     if len(jobs) > PAGE:
         jobs = jobs[:PAGE]

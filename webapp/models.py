@@ -58,6 +58,15 @@ class JobState:
     FINISHED = (SUCCEEDED, FAILED, CANCELLED, EXPIRED)
 
 
+def progress(state: str, rows_done: int, rows_total: int | None) -> float:
+    """A job's share done, 0 to 1; also for plain rows, as the admin list reads them."""
+    if state == JobState.SUCCEEDED:
+        return 1.0
+    if not rows_total:
+        return 0.0
+    return min(rows_done / rows_total, 1.0)
+
+
 class Organisation(db.Model):
     __tablename__ = "organisations"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -152,6 +161,14 @@ class ExportJob(db.Model):
     attempts: Mapped[list[JobAttempt]] = relationship(
         back_populates="job", order_by="JobAttempt.number", cascade="all, delete-orphan"
     )
+    param_values: Mapped[list[JobParamValue]] = relationship(cascade="all, delete-orphan",
+                                                             passive_deletes=True)
+
+    @validates("params")
+    def _index_param_values(self, _key: str, params: dict) -> dict:
+        """Keep job_param_values in step with the parameters, for the admin search."""
+        self.param_values = [JobParamValue(value=v) for v in param_search_values(params)]
+        return params
 
     @property
     def finished(self) -> bool:
@@ -159,16 +176,27 @@ class ExportJob(db.Model):
 
     @property
     def progress(self) -> float:
-        if self.state == JobState.SUCCEEDED:
-            return 1.0
-        if not self.rows_total:
-            return 0.0
-        return min(self.rows_done / self.rows_total, 1.0)
+        return progress(self.state, self.rows_done, self.rows_total)
 
     def download_name(self) -> str:
         """What the browser saves the file as, e.g. transactions-acme-2026-11-22.csv."""
         day = self.created_at.date().isoformat()
         return f"{self.dataset}-{self.organisation.slug}-{day}.{self.format}"
+
+
+def param_search_values(params: dict) -> set[str]:
+    """What the admin search matches a job's parameters by: each value, lowercase."""
+    return {str(value).lower() for value in params.values()}
+
+
+class JobParamValue(db.Model):
+    """One parameter value of a job, so searching jobs by a value is an exact match on the
+    primary key (value, job_id) instead of a scan of every job's JSON."""
+
+    __tablename__ = "job_param_values"
+    value: Mapped[str] = mapped_column(Text, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("export_jobs.id", ondelete="CASCADE"),
+                                        primary_key=True)
 
 
 class JobAttempt(db.Model):
@@ -200,7 +228,8 @@ class OutboundEmail(db.Model):
     """An email to send, recorded before it is sent: the unique key makes sending idempotent."""
 
     __tablename__ = "outbound_emails"
-    __table_args__ = (Index("ix_outbound_emails_to_address", "to_address"),)
+    __table_args__ = (Index("ix_outbound_emails_to_address", "to_address"),
+                      Index("ix_outbound_emails_created_at", "created_at"))
     id: Mapped[int] = mapped_column(primary_key=True)
     key: Mapped[str] = mapped_column(String(200), unique=True)
     kind: Mapped[str] = mapped_column(String(40))
