@@ -1,5 +1,5 @@
-"""The web app's only door into the lanes: submit and email after commit, cancel, retry,
-reconcile, pause and resume a lane, and lane health."""
+"""The web app's only door into the lanes: submit and email after commit, cancel, retry (of
+exports and of emails), reconcile, pause and resume a lane, and lane health."""
 
 from __future__ import annotations
 
@@ -10,7 +10,15 @@ from datetime import timedelta
 from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
 
-from webapp.models import ExportJob, JobAttempt, JobState, OutboundEmail, db, utcnow
+from webapp.models import (
+    EmailState,
+    ExportJob,
+    JobAttempt,
+    JobState,
+    OutboundEmail,
+    db,
+    utcnow,
+)
 
 log = logging.getLogger(__name__)
 _PENDING = "exportdesk.after_commit"
@@ -175,6 +183,43 @@ def retry(job: ExportJob, from_scratch: bool = False) -> None:
         storage().discard_part(job.id, job.format)
     submit(job)
     log.info("job %s retried from row %s", job.id, job.rows_done)
+
+
+def _move_email(email: OutboundEmail, allowed: tuple[str, ...], **values) -> bool:
+    """As _move, for an email row: a critical-lane worker may be sending it right now."""
+    moved = db.session.execute(
+        update(OutboundEmail)
+        .where(OutboundEmail.id == email.id, OutboundEmail.state.in_(allowed))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    ).rowcount
+    db.session.refresh(email)
+    return bool(moved)
+
+
+def cancel_email(email: OutboundEmail) -> None:
+    """Cancel an email task of the critical lane; the caller commits.
+
+    A waiting one is cancelled at once and its queue message does nothing (the worker claims
+    only queued or retrying emails). One being sent cannot be interrupted: that attempt ends
+    by itself, at the latest at the lane's hard timeout, and is not retried. Should it still
+    reach the server, the row says sent, which is then the truth.
+    """
+    if not _move_email(email, EmailState.CANCELLABLE, state=EmailState.CANCELLED):
+        raise WrongState(f"Email {email.id} is {email.state}: only queued, retrying or sending "
+                         "emails can be cancelled.")
+    log.info("email %s cancelled", email.id)
+
+
+def retry_email(email: OutboundEmail) -> None:
+    """Send a failed or cancelled email again, with a fresh allowance of attempts, once the
+    caller commits."""
+    if not _move_email(email, EmailState.RETRYABLE, state=EmailState.QUEUED, attempts=0,
+                       error=None):
+        raise WrongState(f"Email {email.id} is {email.state}: only failed or cancelled emails "
+                         "can be retried.")
+    send_email_after_commit(email)
+    log.info("email %s retried", email.id)
 
 
 def _lane(name: str):

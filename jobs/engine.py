@@ -12,6 +12,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
+from traceback import format_exception
 from typing import BinaryIO
 
 from flask import current_app
@@ -462,6 +463,7 @@ def run(job_id: int, max_attempts: int) -> None:
             retry, owned = False, isinstance(outcome, Cancelled)
         attempt.outcome = "timed_out" if timed_out else "failed"
         attempt.error, attempt.finished_at = error, utcnow()
+        attempt.traceback = "".join(format_exception(exc))[-20_000:]
         if owned and not retry:
             db.session.flush()  # refresh() would overwrite the attempt's unsaved outcome
             db.session.refresh(job)

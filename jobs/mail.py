@@ -148,13 +148,18 @@ def deliver(email_id: int, max_attempts: int) -> None:
     try:
         transport().send(build_message(email))
     except Exception as exc:
-        email.error = f"{type(exc).__name__}: {exc}"
+        error = f"{type(exc).__name__}: {exc}"
         retry = email.attempts < max_attempts
-        email.state = EmailState.RETRYING if retry else EmailState.FAILED
+        db.session.rollback()
+        ended = db.session.execute(  # unless an admin cancelled it meanwhile
+            update(OutboundEmail)
+            .where(OutboundEmail.id == email_id, OutboundEmail.state == EmailState.SENDING)
+            .values(state=EmailState.RETRYING if retry else EmailState.FAILED, error=error)
+        ).rowcount
         db.session.commit()
-        log.warning("email %s attempt %s failed: %s", email_id, email.attempts, email.error)
-        if retry:
-            raise DeliveryFailed(email.error) from exc
+        log.warning("email %s attempt %s failed: %s", email_id, email.attempts, error)
+        if retry and ended:
+            raise DeliveryFailed(error) from exc
         return
     email.state = EmailState.SENT
     email.sent_at = utcnow()

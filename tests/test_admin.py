@@ -8,12 +8,12 @@ import secrets
 from datetime import datetime, timedelta
 
 import pytest
-from conftest import csrf_from, login
+from conftest import csrf_from, login, run_inline
 from sqlalchemy import select
 
-from jobs import dispatch, engine, lanes
+from jobs import dispatch, engine, lanes, mail
 from webapp.auth import find_user
-from webapp.models import AdminAction, ExportJob, JobState, OutboundEmail, db
+from webapp.models import AdminAction, EmailState, ExportJob, JobState, OutboundEmail, db
 
 
 @pytest.fixture(autouse=True)
@@ -294,3 +294,119 @@ def test_api_jobs_lists_mine_or_everyone_for_staff(app, alice, admin):
     dated = admin.get("/api/jobs", query_string={"state": "failed", "date_from": "2000-01-01"})
     assert {mine, theirs} <= {j["id"] for j in dated.json["jobs"]}
     assert alice.get("/api/lanes").status_code == 403
+
+
+def email_row(app, email_id: int) -> OutboundEmail:
+    with app.app_context():
+        email = db.session.get(OutboundEmail, email_id)
+        db.session.expunge(email)
+        return email
+
+
+def test_admin_cancels_a_queued_email_then_sends_it_again(app, admin, viewer, smtp,
+                                                           monkeypatch):
+    monkeypatch.setitem(app.config, "SMTP_URL", smtp.url)
+    smtp.mailbox.clear()
+    email_id = make_email(app, "alice@acme.test", datetime.utcnow())
+    assert post(viewer, f"/admin/emails/{email_id}/cancel").status_code == 403
+    response = post(admin, f"/admin/emails/{email_id}/cancel")
+    assert response.status_code == 303 and response.headers["Location"].endswith(
+        f"/admin/emails/{email_id}")
+    assert email_row(app, email_id).state == EmailState.CANCELLED
+    with app.app_context():
+        mail.deliver(email_id, max_attempts=3)  # its message still on the lane: does nothing
+    assert smtp.mailbox.messages == [] and email_row(app, email_id).attempts == 0
+    again = post(admin, f"/admin/emails/{email_id}/cancel")
+    assert again.status_code == 409 and "only queued, retrying or sending" in again.text
+
+    assert post(admin, f"/admin/emails/{email_id}/retry").status_code == 303
+    assert email_row(app, email_id).state == EmailState.QUEUED
+    with app.app_context():
+        pending = [t.args for t in lanes.critical.pending() if t.name == "send_email"]
+        assert (email_id,) in pending, "back on the critical lane"
+        mail.deliver(email_id, max_attempts=3)
+    row = email_row(app, email_id)
+    assert row.state == EmailState.SENT and row.attempts == 1
+    message = smtp.mailbox.wait_for(lambda m: m["X-Exportdesk-Email"] == str(email_id))
+    assert message["To"] == "alice@acme.test"
+    assert post(admin, f"/admin/emails/{email_id}/retry").status_code == 409  # sent: no
+
+    page = admin.get(f"/admin/emails/{email_id}").text
+    assert 'id="audit"' in page and "cancelled -&gt; queued (after 0 attempt(s))" in page
+    assert 'id="admin-cancel"' not in page and 'id="admin-retry"' not in page
+    assert post(admin, "/admin/emails/999999999/retry").status_code == 404
+
+
+def test_a_failed_email_retried_by_an_admin_gets_a_fresh_allowance(app, admin):
+    email_id = make_email(app, "bob@globex.test", datetime.utcnow())
+    with app.app_context():
+        db.session.get(OutboundEmail, email_id).state = EmailState.FAILED
+        db.session.get(OutboundEmail, email_id).attempts = 4
+        db.session.commit()
+    page = admin.get(f"/admin/emails/{email_id}").text
+    assert 'id="admin-retry"' in page
+    assert post(admin, f"/admin/emails/{email_id}/retry").status_code == 303
+    row = email_row(app, email_id)
+    assert (row.state, row.attempts, row.error) == (EmailState.QUEUED, 0, None)
+    with app.app_context():
+        assert db.session.scalar(select(AdminAction.detail).where(
+            AdminAction.email_id == email_id)) == "failed -> queued (after 4 attempt(s))"
+
+
+@pytest.mark.parametrize("reaches_the_server", [False, True])
+def test_an_email_cancelled_while_being_sent_is_not_retried(app, admin, monkeypatch,
+                                                            reaches_the_server):
+    """The attempt under way cannot be stopped; it ends by itself and is never retried. If it
+    still reached the server, the row says sent: that is what happened."""
+    email_id = make_email(app, "alice@acme.test", datetime.utcnow())
+
+    class CancelledMidway:
+        def send(self, message):
+            assert email_row(app, email_id).state == EmailState.SENDING
+            assert post(admin, f"/admin/emails/{email_id}/cancel").status_code == 303
+            if not reaches_the_server:
+                raise ConnectionRefusedError("the server went away")
+
+    monkeypatch.setattr(mail, "transport", CancelledMidway)
+    with app.app_context():
+        mail.deliver(email_id, max_attempts=3)  # no DeliveryFailed: the lane does not retry
+    row = email_row(app, email_id)
+    assert row.state == (EmailState.SENT if reaches_the_server else EmailState.CANCELLED)
+    with app.app_context():
+        mail.deliver(email_id, max_attempts=3)  # a late retry message does nothing either
+    assert email_row(app, email_id).attempts == 1
+
+
+def test_bulk_acts_on_selected_emails_and_on_emails_matching_the_filter(app, admin):
+    day = datetime(2003, 3, 4, 10)
+    queued = [make_email(app, "alice@acme.test", day) for _ in range(2)]
+    job_id = make_job(app, created_at=day)
+    response = post(admin, "/admin/jobs/bulk", action="cancel", ids=[str(job_id)],
+                    email_ids=[str(queued[0])])
+    flashed = admin.get(response.headers["Location"]).text
+    assert "Cancelled 1 export(s) and 1 email(s)." in flashed
+    assert email_row(app, queued[0]).state == EmailState.CANCELLED
+    assert email_row(app, queued[1]).state == EmailState.QUEUED
+
+    where = {"date_from": "2003-03-04", "date_to": "2003-03-04"}
+    page = admin.get("/admin/jobs/bulk", query_string={"action": "retry", **where}).text
+    assert re.search(r"<strong>1</strong> export\(s\)\s+and <strong id=\"bulk-emails\">1</strong>",
+                     page)
+    exports_only = admin.get("/admin/jobs/bulk", query_string={
+        "action": "retry", "lane": "exports", **where}).text
+    assert '<strong id="bulk-emails">0</strong>' in exports_only
+    post(admin, "/admin/jobs/bulk", action="retry", scope="filter", **where)
+    assert email_row(app, queued[0]).state == EmailState.QUEUED
+    assert state(app, job_id) == JobState.QUEUED
+    listing = admin.get("/admin/jobs", query_string=where).text
+    assert f'name="email_ids" value="{queued[0]}"' in listing
+
+
+def test_a_failed_attempt_shows_its_traceback_to_staff(app, admin):
+    job = run_inline(app, "alice@acme.test", "payroll")
+    with app.app_context():
+        [attempt] = db.session.get(ExportJob, job.id).attempts
+        assert "Traceback (most recent call last)" in attempt.traceback
+        assert "PermanentFailure" in attempt.traceback
+    page = admin.get(f"/admin/jobs/{job.id}").text
+    assert "<summary>Traceback</summary>" in page and "PermanentFailure" in page

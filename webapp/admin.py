@@ -45,9 +45,11 @@ PAGE = 25  # rows per page, as in Sidekiq's Web UI: a page renders in a few ms
 ID_SLACK = 1000
 JOB_STATES = (*JobState.ACTIVE, *JobState.FINISHED)
 EMAIL_STATES = (EmailState.QUEUED, EmailState.SENDING, EmailState.RETRYING, EmailState.SENT,
-                EmailState.FAILED)
-ACTIONS = {"cancel": (dispatch.CANCELLABLE, "cancelled"),
-           "retry": (dispatch.RETRYABLE, "retried")}
+                EmailState.FAILED, EmailState.CANCELLED)
+STATES = tuple(dict.fromkeys((*JOB_STATES, *EMAIL_STATES)))  # the filter's choices, once each
+# action: (export states it applies to, email states it applies to, past tense)
+ACTIONS = {"cancel": (dispatch.CANCELLABLE, EmailState.CANCELLABLE, "cancelled"),
+           "retry": (dispatch.RETRYABLE, EmailState.RETRYABLE, "retried")}
 # The list's statements are built per request from table columns: expressions over the ORM's
 # annotated attributes cost about a third more to build and to run from the statement cache.
 job_c, user_c, email_c = ExportJob.__table__.c, User.__table__.c, OutboundEmail.__table__.c
@@ -129,7 +131,7 @@ class JobFilter:
             return value if value in allowed else ""
 
         return cls(
-            state=pick("state", (*JOB_STATES, *EMAIL_STATES)),
+            state=pick("state", STATES),
             lane=pick("lane", LANES),
             dataset=pick("dataset", DATASETS),
             user=(args.get("user") or "").strip()[:254],
@@ -339,7 +341,7 @@ def jobs():
     where = JobFilter.from_args(request.args)
     rows, after = page_of_rows(where, Cursor.parse(request.args.get("after")))
     return _render("admin/jobs.html", rows=rows, where=where, args=where.args(), after=after,
-                   paged=bool(request.args.get("after")), states=(*JOB_STATES, *EMAIL_STATES),
+                   paged=bool(request.args.get("after")), states=STATES,
                    lanes=LANES, datasets=DATASETS)
 
 
@@ -375,20 +377,27 @@ def job(job_id: int):
                    file_size=file_size, part_size=files.part_size(job.id, job.format))
 
 
-@bp.get("/emails/<int:email_id>")
-@staff_required
-def email(email_id: int):
+def _email(email_id: int) -> OutboundEmail:
     email = db.session.get(OutboundEmail, email_id)
     if email is None:
         abort(404)
-    return _render("admin/email.html", email=email)
+    return email
 
 
-def audit(action: str, job_id: int | None = None, lane: str | None = None,
-          detail: str = "") -> None:
+@bp.get("/emails/<int:email_id>")
+@staff_required
+def email(email_id: int):
+    email = _email(email_id)
+    actions = db.session.scalars(select(AdminAction).where(AdminAction.email_id == email.id)
+                                 .order_by(AdminAction.id)).all()
+    return _render("admin/email.html", email=email, actions=actions)
+
+
+def audit(action: str, job_id: int | None = None, email_id: int | None = None,
+          lane: str | None = None, detail: str = "") -> None:
     """Record an admin action in the audit log (the caller commits)."""
     db.session.add(AdminAction(user_id=current_user.id, action=action, job_id=job_id,
-                               lane=lane, detail=detail))
+                               email_id=email_id, lane=lane, detail=detail))
 
 
 def act(job: ExportJob, action: str, from_scratch: bool = False) -> None:
@@ -402,45 +411,85 @@ def act(job: ExportJob, action: str, from_scratch: bool = False) -> None:
     audit(name, job_id=job.id, detail=f"{before} -> {job.state}")
 
 
-@bp.post("/jobs/<int:job_id>/<any(cancel, retry):action>")
-@admin_required
-def change(job_id: int, action: str):
-    job = _job(job_id)
+def act_on_email(email: OutboundEmail, action: str, from_scratch: bool = False) -> None:
+    """Cancel or retry one email task and write it to the audit log; raises
+    dispatch.WrongState. (`from_scratch` means nothing for an email: it has no checkpoint.)"""
+    before, attempts = email.state, email.attempts
+    if action == "cancel":
+        dispatch.cancel_email(email)
+    else:
+        dispatch.retry_email(email)
+    audit(action, email_id=email.id,
+          detail=f"{before} -> {email.state} (after {attempts} attempt(s))")
+
+
+# kind: (model, action on one row, what a person calls one, the page of one)
+TARGETS = {"job": (ExportJob, act, "Export #{}", "admin.job"),
+           "email": (OutboundEmail, act_on_email, "Email {}", "admin.email")}
+
+
+def _change(kind: str, row_id: int, action: str):
+    model, apply, name, page = TARGETS[kind]
+    row = db.session.get(model, row_id)
+    if row is None:
+        abort(404)
     try:
-        act(job, action, from_scratch=request.form.get("from_scratch") == "1")
+        apply(row, action, from_scratch=request.form.get("from_scratch") == "1")
     except dispatch.WrongState as exc:
         db.session.rollback()
         return render_template("error.html", status=409, message=str(exc)), 409
     db.session.commit()
-    flash(f"Export #{job.id} {ACTIONS[action][1]}.", "info")
-    return redirect(url_for("admin.job", job_id=job.id), code=303)
+    flash(f"{name.format(row_id)} {ACTIONS[action][2]}.", "info")
+    return redirect(url_for(page, **{f"{kind}_id": row_id}), code=303)
 
 
-def _matching_ids(where: JobFilter, action: str) -> Iterator[list[int]]:
-    """Ids of the export jobs the filter matches that the action applies to, in chunks."""
-    conditions = where.job_conditions()
-    if conditions is None:
-        return
-    allowed = ACTIONS[action][0]
-    last = None
-    while True:
-        query = select(ExportJob.id).where(*conditions, ExportJob.state.in_(allowed))
-        if last is not None:
-            query = query.where(where.job_key < last)
-        chunk = db.session.scalars(query.order_by(where.job_key.desc()).limit(500),
-                                   where.params()).all()
-        if not chunk:
-            return
-        yield list(chunk)
-        last = chunk[-1]
+@bp.post("/jobs/<int:job_id>/<any(cancel, retry):action>")
+@admin_required
+def change(job_id: int, action: str):
+    return _change("job", job_id, action)
 
 
-def _count_matching(where: JobFilter, action: str) -> int:
-    conditions = where.job_conditions()
-    if conditions is None:
-        return 0
-    return db.session.scalar(select(func.count()).select_from(ExportJob).where(
-        *conditions, ExportJob.state.in_(ACTIONS[action][0])), where.params())
+@bp.post("/emails/<int:email_id>/<any(cancel, retry):action>")
+@admin_required
+def change_email(email_id: int, action: str):
+    return _change("email", email_id, action)
+
+
+def _matching(where: JobFilter, action: str) -> dict[str, tuple[list, Column]]:
+    """Per kind ("job", "email"): the WHERE clauses for the rows the filter matches that the
+    action applies to, and the id to page them by."""
+    jobs_allowed, emails_allowed, _ = ACTIONS[action]
+    matching = {}
+    if (conditions := where.job_conditions()) is not None:
+        matching["job"] = [*conditions, job_c.state.in_(jobs_allowed)], where.job_key
+    if (conditions := where.email_conditions()) is not None:
+        matching["email"] = [*conditions, email_c.state.in_(emails_allowed)], email_c.id
+    return matching
+
+
+def _matching_ids(where: JobFilter, action: str) -> Iterator[tuple[str, list[int]]]:
+    """(kind, ids) of the rows the filter matches that the action applies to, in chunks."""
+    for kind, (conditions, key) in _matching(where, action).items():
+        last = None
+        while True:
+            query = select(key).where(*conditions)
+            if last is not None:
+                query = query.where(key < last)
+            chunk = db.session.scalars(query.order_by(key.desc()).limit(500),
+                                       where.params()).all()
+            if not chunk:
+                break
+            yield kind, list(chunk)
+            last = chunk[-1]
+
+
+def _count_matching(where: JobFilter, action: str) -> dict[str, int]:
+    """How many export jobs and emails the action would apply to."""
+    counts = {"job": 0, "email": 0}
+    for kind, (conditions, key) in _matching(where, action).items():
+        counts[kind] = db.session.scalar(select(func.count(key)).where(*conditions),
+                                         where.params())
+    return counts
 
 
 @bp.get("/jobs/bulk")
@@ -451,42 +500,47 @@ def confirm_bulk():
     if action not in ACTIONS:
         abort(404)
     where = JobFilter.from_args(request.args)
-    return _render("admin/confirm_bulk.html", action=action, where=where,
-                   count=_count_matching(where, action))
+    counts = _count_matching(where, action)
+    return _render("admin/confirm_bulk.html", action=action, where=where, counts=counts,
+                   count=sum(counts.values()))
 
 
 @bp.post("/jobs/bulk")
 @admin_required
 def bulk():
-    """Cancel or retry the selected jobs, or (scope=filter) every job the filter matches."""
+    """Cancel or retry the selected jobs and emails, or (scope=filter) every one the filter
+    matches."""
     form = request.form
     action = form.get("action")
     if action not in ACTIONS:
         abort(400, "Choose cancel or retry.")
     where = JobFilter.from_args(form)
     if form.get("scope") == "filter":
-        chunks: Iterator[list[int]] = _matching_ids(where, action)
+        chunks: Iterator[tuple[str, list[int]]] = _matching_ids(where, action)
     else:
-        chunks = iter([[int(i) for i in form.getlist("ids") if i.isdigit()][:1000]])
-    done, skipped = 0, []
-    for chunk in chunks:
-        for job_id in chunk:
-            job = db.session.get(ExportJob, job_id)
-            if job is None:
+        chunks = iter([(kind, [int(i) for i in form.getlist(field) if i.isdigit()][:1000])
+                       for kind, field in (("job", "ids"), ("email", "email_ids"))])
+    done, skipped = {"job": 0, "email": 0}, []
+    for kind, chunk in chunks:
+        model, apply, name, _ = TARGETS[kind]
+        for row_id in chunk:
+            row = db.session.get(model, row_id)
+            if row is None:
                 continue
             try:
-                act(job, action, from_scratch=form.get("from_scratch") == "1")
+                apply(row, action, from_scratch=form.get("from_scratch") == "1")
             except dispatch.WrongState:
                 db.session.rollback()
-                skipped.append(job_id)
+                skipped.append(name.format(row_id))
                 continue
             db.session.commit()
-            done += 1
-    current_app.logger.info("bulk %s by user %s: %d done, %d skipped", action,
+            done[kind] += 1
+    current_app.logger.info("bulk %s by user %s: %s done, %d skipped", action,
                             current_user.id, done, len(skipped))
-    message = f"{ACTIONS[action][1].capitalize()} {done} export(s)."
+    message = f"{ACTIONS[action][2].capitalize()} {done['job']} export(s)" + (
+        f" and {done['email']} email(s)." if done["email"] else ".")
     if skipped:
-        shown = ", ".join(f"#{i}" for i in skipped[:10])
+        shown = ", ".join(skipped[:10])
         message += f" Skipped {len(skipped)} not in a state for it ({shown})."
     flash(message, "info")
     return redirect(url_for("admin.jobs", **where.args()), code=303)

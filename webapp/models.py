@@ -211,6 +211,7 @@ class JobAttempt(db.Model):
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
     outcome: Mapped[str | None] = mapped_column(String(20), default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
+    traceback: Mapped[str | None] = mapped_column(Text, default=None)  # for admins only
     job: Mapped[ExportJob] = relationship(back_populates="attempts")
 
 
@@ -220,8 +221,11 @@ class EmailState:
     RETRYING = "retrying"
     SENT = "sent"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
     CLAIMABLE = (QUEUED, RETRYING)
+    CANCELLABLE = (QUEUED, RETRYING, SENDING)
+    RETRYABLE = (FAILED, CANCELLED)
 
 
 class OutboundEmail(db.Model):
@@ -249,7 +253,7 @@ class OutboundEmail(db.Model):
 
 
 class AdminAction(db.Model):
-    """The audit log: every action an admin takes, on a job or on a lane."""
+    """The audit log: every action an admin takes, on a job, an email or a lane."""
 
     __tablename__ = "admin_actions"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -258,6 +262,8 @@ class AdminAction(db.Model):
     action: Mapped[str] = mapped_column(String(40))
     job_id: Mapped[int | None] = mapped_column(
         ForeignKey("export_jobs.id", ondelete="SET NULL"), index=True, default=None)
+    email_id: Mapped[int | None] = mapped_column(
+        ForeignKey("outbound_emails.id", ondelete="SET NULL"), index=True, default=None)
     lane: Mapped[str | None] = mapped_column(String(20), default=None)
     detail: Mapped[str] = mapped_column(Text, default="")
     user: Mapped[User] = relationship()
