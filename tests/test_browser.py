@@ -9,6 +9,7 @@ import csv
 import io
 import os
 import re
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -179,7 +180,8 @@ def test_live_progress_then_download_link_without_reload(browser, stack_factory,
 
 
 def test_cancel_a_running_export_from_my_exports_then_retry(browser, stack_factory, shots):
-    stack = stack_factory(rows=ROWS, **slow_exports(1))
+    # the default checkpoint interval: a cancel must take effect within 2 s with it
+    stack = stack_factory(rows=ROWS, **{**slow_exports(1), "CHECKPOINT_INTERVAL": "0.5"})
     page = open_page(browser, stack)
     log_in(page)
     job_id = start_export(page, "transactions")
@@ -208,6 +210,9 @@ def test_cancel_a_running_export_from_my_exports_then_retry(browser, stack_facto
                      what="the worker to stop")
     assert job["state"] == "cancelled" and job["attempts"][-1]["outcome"] == "cancelled"
     assert 0 < job["rows_done"] < job["rows_total"]
+    cancelled, stopped = (datetime.fromisoformat(str(t))
+                          for t in (job["finished_at"], job["attempts"][-1]["finished_at"]))
+    assert timedelta(0) <= stopped - cancelled <= timedelta(seconds=2), "stops within 2 s"
     exports = stack.instance / "exports"
     assert not list(exports.glob(f"job-{job_id}.*")), "the part file is removed"
 
