@@ -250,12 +250,11 @@ def report(table: list[tuple[str, int, float, int, int]],
         worker, reader = rss[size]
         print(f"  {size:>10,} rows: {worker / 2**20:6.1f} MB + {reader / 2**20:6.1f} MB "
               f"= {(worker + reader) / 2**20:6.1f} MB")
-    if len(sizes) > 1:
-        for i, name in ((0, "worker"), (1, "reader")):
-            small, large = rss[sizes[0]][i], rss[sizes[-1]][i]
-            ok = large <= 1.2 * small and large < 200 * 2**20
-            print(f"  {name}: largest / smallest {large / small:.2f}× "
-                  f"(target ≤ 1.2× and < 200 MB: {'met' if ok else 'MISSED'})")
+    if len(sizes) > 1:  # the target holds for the worker with its reader, not each alone
+        small, large = (sum(rss[size]) for size in (sizes[0], sizes[-1]))
+        ok = large <= 1.2 * small and large < 200 * 2**20
+        print(f"  worker + reader: largest / smallest {large / small:.2f}×, largest "
+              f"{large / 2**20:.0f} MB (target ≤ 1.2× and < 200 MB: {'met' if ok else 'MISSED'})")
 
 
 if __name__ == "__main__":

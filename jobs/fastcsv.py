@@ -12,11 +12,14 @@ from __future__ import annotations
 
 import csv
 import json
+import queue
 import select
 import struct
 import subprocess
 import sys
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +41,6 @@ from sqlalchemy import (
 from sqlalchemy import exc as sa_exc
 
 from jobs.datasets import Dataset
-from jobs.readahead import read_ahead
 
 FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")  # also in jobs.sqlite_reader, as a regex
 
@@ -99,29 +101,70 @@ def _pg_text(col: ColumnElement, kind: str) -> ColumnElement:
     return value.label(col.name)
 
 
+PAGES_IN_FLIGHT = 2  # PostgreSQL formats a page slower than we read it: two backends at once
+
+
 def _copy_batches(conn: Connection, dataset: Dataset, org_id: int, params: dict[str, str],
                   after: object, size: int) -> Iterator[Batch]:
-    import psycopg
+    """Pages as key ranges read side by side: the key that ends each page is looked up first
+    on `conn` (the `size`-th key after the last one, read from the key's index), so the next
+    pages can be read on connections of their own while this one is written. The page
+    without an end is the last, unless it comes back full (rows added meanwhile)."""
+    key = dataset.table.c[dataset.key]
+    key_index = dataset.column_names.index(dataset.key)
+    lower, upper = bindparam("lower", 0), bindparam("upper", 0)  # 0: replaced per page
 
-    key = dataset.column_names.index(dataset.key)
-    driver = conn.connection.driver_connection
-    from_start, after_key = (
-        copy_query(dataset, org_id, params, key_after, size).compile(
-            dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
-        for key_after in (None, bindparam("after", 0)))  # 0: replaced by each page's key
+    def compiled(stmt: Select):
+        return stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
 
-    def fetch(after: object) -> tuple[Batch, int] | None:
-        page = from_start if after is None else after_key
-        # values merged client-side by psycopg: COPY takes no bind parameters
-        sql = psycopg.ClientCursor(driver).mogrify(str(page), {**page.params, "after": after})
-        data, rows, last_row = _copy(driver, f"COPY ({sql}) TO STDOUT WITH (FORMAT csv)")
+    ends = {first: dataset.batch(org_id, params, None if first else lower, 1)
+            .with_only_columns(key).offset(size - 1) for first in (True, False)}
+    pages = {(first, last): compiled(copy_query(dataset, org_id, params, None if first else lower,
+                                                size if last else None)
+                                     .where(*([] if last else [key <= upper])))
+             for first in (True, False) for last in (True, False)}
+    spare = [conn.engine.raw_connection() for _ in range(PAGES_IN_FLIGHT)]
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for connection in spare:
+        free.put(connection.driver_connection)
+
+    def fetch(start: object, end: object) -> Batch | None:
+        import psycopg
+
+        page = pages[start is None, end is None]
+        values = {**page.params, **{k: v for k, v in (("lower", start), ("upper", end))
+                                    if k in page.params}}
+        driver = free.get()
+        try:  # values merged client-side by psycopg: COPY takes no bind parameters
+            sql = psycopg.ClientCursor(driver).mogrify(str(page), values)
+            data, rows, last_row = _copy(driver, f"COPY ({sql}) TO STDOUT WITH (FORMAT csv)")
+        finally:
+            free.put(driver)
         if not rows:
             return None
-        # COPY sends one message per row: the page's last one holds the next key
-        last_key = int(next(csv.reader([last_row.decode()]))[key])
-        return Batch(data, rows, last_key), last_key
+        # COPY sends one message per row: the page's last one holds its last key
+        return Batch(data, rows, int(next(csv.reader([last_row.decode()]))[key_index]))
 
-    return read_ahead(fetch, after)
+    try:
+        with ThreadPoolExecutor(PAGES_IN_FLIGHT, thread_name_prefix="copy-page") as pool:
+            pending: deque = deque()  # (page being read, is it the last)
+            start, more = after, True
+            while more or pending:
+                while more and len(pending) < PAGES_IN_FLIGHT:
+                    end = conn.execute(ends[start is None],
+                                       {} if start is None else {"lower": start}).scalar()
+                    pending.append((pool.submit(fetch, start, end), end is None))
+                    start, more = end, end is not None
+                future, last = pending.popleft()
+                batch = future.result()
+                if batch is None:  # a range emptied meanwhile, or nothing left
+                    continue
+                if last and batch.rows == size:
+                    start, more = batch.last_key, True
+                yield batch
+    finally:
+        for connection in spare:
+            connection.close()
 
 
 def _copy(driver, query: str) -> tuple[bytearray, int, bytes]:

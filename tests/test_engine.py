@@ -8,7 +8,7 @@ import io
 import pytest
 from conftest import run_inline
 from expected import expected_rows
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 
 from jobs import fastcsv
 from jobs.datasets import DATASETS
@@ -70,3 +70,29 @@ def test_a_failing_sqlite_reader_raises_its_error(tmp_path):
         gone.unlink()
         with pytest.raises(fastcsv.ReadFailed, match="failed to open"):
             list(fastcsv.batches(conn, DATASETS["orders"], 1, {}, None, 10))
+
+
+@pytest.mark.parametrize("size", [1, 7, 500])
+def test_pages_cover_every_row_once_also_rows_added_while_reading(app, database_url, size):
+    """Pages of any size, read side by side on PostgreSQL, join into the whole export in key
+    order; a row added at the end while the export runs is in it too."""
+    from webapp.models import db
+
+    dataset = DATASETS["orders"]
+    with app.app_context(), db.engine.connect() as conn:
+        org = conn.execute(text("select id from organisations where slug = 'globex'")).scalar()
+        pages = fastcsv.batches(conn, dataset, org, {}, None, size)
+        data = [next(pages).data]
+        with db.engine.begin() as other:
+            added = other.execute(text(
+                "insert into orders (org_id, created_at, customer, total, status, items) "
+                "values (:org, '2026-12-01 10:00:00', 'Late, Customer', 1.5, 'paid', 'x') "
+                "returning id"), {"org": org}).scalar()
+        try:
+            data += [page.data for page in pages]
+            want = expected_rows(database_url, "orders", "globex")
+        finally:
+            with db.engine.begin() as other:
+                other.execute(text("delete from orders where id = :id"), {"id": added})
+    got = parse(fastcsv.header(dataset) + b"".join(bytes(d) for d in data))
+    assert got == want and got[-1][0] == str(added)
