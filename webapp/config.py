@@ -50,7 +50,7 @@ def load() -> dict:
         or f"sqlite:///{instance / 'exportdesk.db'}",
         "BROKER_URL": os.environ.get("BROKER_URL", ""),
         "EXPORT_DIR": os.environ.get("EXPORT_DIR") or str(instance / "exports"),
-        "EXPORT_BATCH_ROWS": int(os.environ.get("EXPORT_BATCH_ROWS", 20_000)),
+        "EXPORT_BATCH_ROWS": int(os.environ.get("EXPORT_BATCH_ROWS", 10_000)),
         "CHECKPOINT_INTERVAL": _seconds("CHECKPOINT_INTERVAL", 0.5),
         # Start csv and csv.gz files with a UTF-8 byte order mark, so Excel reads them as UTF-8.
         "CSV_BOM": _flag("CSV_BOM", False),
