@@ -129,16 +129,18 @@ def send_email_after_commit(email: OutboundEmail) -> None:
     on_commit(db.session(), lambda: send_email(email_id))
 
 
-def _move(job: ExportJob, allowed: tuple[str, ...], **values) -> bool:
-    """Change the row only if it is still in an allowed state: a worker may have moved it since
-    we read it, and a plain read-then-write would overwrite what the worker wrote."""
+def _move(row: ExportJob | OutboundEmail, allowed: tuple[str, ...], **values) -> bool:
+    """Change a job's or an email's row only if it is still in an allowed state: a worker may
+    have moved it since we read it, and a plain read-then-write would overwrite what the
+    worker wrote."""
+    model = type(row)
     moved = db.session.execute(
-        update(ExportJob)
-        .where(ExportJob.id == job.id, ExportJob.state.in_(allowed))
+        update(model)
+        .where(model.id == row.id, model.state.in_(allowed))
         .values(**values)
         .execution_options(synchronize_session=False)
     ).rowcount
-    db.session.refresh(job)
+    db.session.refresh(row)
     return bool(moved)
 
 
@@ -185,18 +187,6 @@ def retry(job: ExportJob, from_scratch: bool = False) -> None:
     log.info("job %s retried from row %s", job.id, job.rows_done)
 
 
-def _move_email(email: OutboundEmail, allowed: tuple[str, ...], **values) -> bool:
-    """As _move, for an email row: a critical-lane worker may be sending it right now."""
-    moved = db.session.execute(
-        update(OutboundEmail)
-        .where(OutboundEmail.id == email.id, OutboundEmail.state.in_(allowed))
-        .values(**values)
-        .execution_options(synchronize_session=False)
-    ).rowcount
-    db.session.refresh(email)
-    return bool(moved)
-
-
 def cancel_email(email: OutboundEmail) -> None:
     """Cancel an email task of the critical lane; the caller commits.
 
@@ -205,7 +195,7 @@ def cancel_email(email: OutboundEmail) -> None:
     by itself, at the latest at the lane's hard timeout, and is not retried. Should it still
     reach the server, the row says sent, which is then the truth.
     """
-    if not _move_email(email, EmailState.CANCELLABLE, state=EmailState.CANCELLED):
+    if not _move(email, EmailState.CANCELLABLE, state=EmailState.CANCELLED):
         raise WrongState(f"Email {email.id} is {email.state}: only queued, retrying or sending "
                          "emails can be cancelled.")
     log.info("email %s cancelled", email.id)
@@ -214,7 +204,7 @@ def cancel_email(email: OutboundEmail) -> None:
 def retry_email(email: OutboundEmail) -> None:
     """Send a failed or cancelled email again, with a fresh allowance of attempts, once the
     caller commits."""
-    if not _move_email(email, EmailState.RETRYABLE, state=EmailState.QUEUED, attempts=0,
+    if not _move(email, EmailState.RETRYABLE, state=EmailState.QUEUED, attempts=0,
                        error=None):
         raise WrongState(f"Email {email.id} is {email.state}: only failed or cancelled emails "
                          "can be retried.")

@@ -345,11 +345,18 @@ def jobs():
                    lanes=LANES, datasets=DATASETS)
 
 
-def _job(job_id: int) -> ExportJob:
-    job = db.session.get(ExportJob, job_id)
-    if job is None:
+def _found(model: type, row_id: int):
+    """The export job or email with this id, or a 404."""
+    row = db.session.get(model, row_id)
+    if row is None:
         abort(404)
-    return job
+    return row
+
+
+def _audit_log(subject: Column, row_id: int) -> list[AdminAction]:
+    """The admin actions on one job or email (`subject`: AdminAction.job_id or .email_id)."""
+    return list(db.session.scalars(select(AdminAction).where(subject == row_id)
+                                   .order_by(AdminAction.id)))
 
 
 @bp.get("/jobs/<int:job_id>/row")
@@ -365,11 +372,10 @@ def job_row(job_id: int):
 @bp.get("/jobs/<int:job_id>")
 @staff_required
 def job(job_id: int):
-    job = _job(job_id)
+    job = _found(ExportJob, job_id)
     emails = db.session.scalars(select(OutboundEmail).where(OutboundEmail.job_id == job.id)
                                 .order_by(OutboundEmail.id)).all()
-    actions = db.session.scalars(select(AdminAction).where(AdminAction.job_id == job.id)
-                                 .order_by(AdminAction.id)).all()
+    actions = _audit_log(AdminAction.job_id, job.id)
     files = storage()
     file_size = files.size(job.file_name) if job.file_name and files.exists(job.file_name) \
         else None
@@ -377,20 +383,12 @@ def job(job_id: int):
                    file_size=file_size, part_size=files.part_size(job.id, job.format))
 
 
-def _email(email_id: int) -> OutboundEmail:
-    email = db.session.get(OutboundEmail, email_id)
-    if email is None:
-        abort(404)
-    return email
-
-
 @bp.get("/emails/<int:email_id>")
 @staff_required
 def email(email_id: int):
-    email = _email(email_id)
-    actions = db.session.scalars(select(AdminAction).where(AdminAction.email_id == email.id)
-                                 .order_by(AdminAction.id)).all()
-    return _render("admin/email.html", email=email, actions=actions)
+    email = _found(OutboundEmail, email_id)
+    return _render("admin/email.html", email=email,
+                   actions=_audit_log(AdminAction.email_id, email.id))
 
 
 def audit(action: str, job_id: int | None = None, email_id: int | None = None,
@@ -430,9 +428,7 @@ TARGETS = {"job": (ExportJob, act, "Export #{}", "admin.job"),
 
 def _change(kind: str, row_id: int, action: str):
     model, apply, name, page = TARGETS[kind]
-    row = db.session.get(model, row_id)
-    if row is None:
-        abort(404)
+    row = _found(model, row_id)
     try:
         apply(row, action, from_scratch=request.form.get("from_scratch") == "1")
     except dispatch.WrongState as exc:
