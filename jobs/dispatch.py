@@ -204,8 +204,7 @@ def cancel_email(email: OutboundEmail) -> None:
 def retry_email(email: OutboundEmail) -> None:
     """Send a failed or cancelled email again, with a fresh allowance of attempts, once the
     caller commits."""
-    if not _move(email, EmailState.RETRYABLE, state=EmailState.QUEUED, attempts=0,
-                       error=None):
+    if not _move(email, EmailState.RETRYABLE, state=EmailState.QUEUED, attempts=0, error=None):
         raise WrongState(f"Email {email.id} is {email.state}: only failed or cancelled emails "
                          "can be retried.")
     send_email_after_commit(email)
