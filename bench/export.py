@@ -5,7 +5,9 @@ tutorial pattern (ORM objects, OFFSET pages); peak RSS of the worker by export s
     python bench/export.py --quick         # 200k rows; RSS at 20k, 100k and 200k
     python bench/export.py --rows 5000000 --rss 100000,5000000 --postgres URL
 
-Each export runs in a child process; its peak RSS comes from wait4()'s ru_maxrss. The engine
+Each timed export runs in a child process; its peak RSS comes from wait4()'s ru_maxrss. The
+peak RSS by size is a real exports consumer's worker process (and its SQLite reader) running
+the job, read from /proc while it runs. The engine
 and the database's own tool run in turns, --repeat times each (default 3), and each reports
 its best time: this machine's speed drifts during a run, and turns expose both to the drift.
 """
@@ -17,6 +19,8 @@ import json
 import os
 import resource
 import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -121,6 +125,85 @@ def child(kind: str, out: str) -> None:
     }))
 
 
+def submit() -> None:
+    """Record an export for USER and send it to the exports lane, as the web app does; print
+    its id."""
+    from jobs import dispatch
+    from webapp import create_app
+    from webapp.auth import find_user
+    from webapp.models import ExportJob, db
+
+    with create_app().app_context():
+        user = find_user(USER)
+        job = ExportJob(user=user, org_id=user.org_id, dataset="transactions", params={},
+                        format="csv")
+        db.session.add(job)
+        db.session.flush()
+        dispatch.submit(job)
+        db.session.commit()
+        print(job.id)
+
+
+def _peak_rss(pid: int) -> int:
+    """VmHWM in bytes, or 0 for a process that is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for threads in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            found += [int(child) for child in threads.read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
+def worker_rss(inst: Path, env: dict, me: list[str]) -> tuple[int, int]:
+    """Peak RSS of a real exports worker process and of its SQLite reader during one export:
+    `flask worker exports` with one worker process, the job sent as the web app sends it. The
+    worker is the pid in the job's claim; the peaks (VmHWM) are read every 2 ms, so a reader is
+    last read within 2 ms of its end."""
+    env = {**env, "LANE_EXPORTS_WORKERS": "1"}
+    consumer = subprocess.Popen([sys.executable, "-m", "flask", "worker", "exports"], cwd=ROOT,
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                start_new_session=True)
+    worker = reader = 0
+    try:
+        job_id = int(subprocess.run([*me, "--child", "submit"], cwd=ROOT, env=env, check=True,
+                                    capture_output=True, text=True).stdout)
+        database = sqlite3.connect(f"file:{inst / 'exportdesk.db'}?mode=ro", uri=True)
+        deadline = time.monotonic() + 600
+        pid = None
+        while time.monotonic() < deadline:
+            state, claim = database.execute("select state, claimed_by from export_jobs "
+                                            "where id = ?", (job_id,)).fetchone()
+            if state in ("succeeded", "failed", "cancelled"):
+                break
+            pid = pid or (claim and int(claim.split(":")[-1].split("#")[0]))
+            if not pid:
+                time.sleep(0.002)
+                continue
+            for _ in range(25):  # the database is read every 50 ms, the processes every 2
+                worker = max(worker, _peak_rss(pid))
+                for child in _children(pid):
+                    reader = max(reader, _peak_rss(child))
+                time.sleep(0.002)
+        database.close()
+        if state != "succeeded":
+            raise RuntimeError(f"export {job_id} ended {state}")
+    finally:
+        os.killpg(consumer.pid, signal.SIGINT)
+        consumer.wait(60)
+    return worker, reader
+
+
 def _export(app, kind: str, out: str) -> None:
     from webapp.auth import find_user
     from webapp.models import ExportJob, db
@@ -182,9 +265,13 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of the engine and of the reference tool, in turns (best)")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--child", choices=["engine", "tutorial"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["engine", "tutorial", "submit"],
+                        help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child == "submit":
+        submit()
+        return
     if args.child:
         child(args.child, args.out)
         return
@@ -216,9 +303,8 @@ def main() -> None:
                                     measure(tool, env, inst / "cli.csv"))
                 table.append(("exportdesk engine (SQLite)", size, *ours))
                 table.append(("sqlite3 -csv", size, *cli))
-            else:
-                ours = engine()
-            rss[size] = ours[1], ours[2]
+            if size in rss_sizes:
+                rss[size] = worker_rss(inst, env, me)
             if size == args.floor_rows:
                 floor = measure([*me, "--child", "tutorial", "--out", str(inst / "t.csv")],
                                 env, inst / "stdout", inst / "t.csv.json")
@@ -268,7 +354,8 @@ def report(table: list[tuple[str, int, float, int, int]],
                 if target else "floor"
             print(f"{ours} / {theirs}: {ratio:.2f}×  ({goal})")
     sizes = sorted(rss)
-    print("\npeak RSS by export size (SQLite): the worker, its reader process, and both")
+    print("\npeak RSS by export size (SQLite), in `flask worker exports`: the worker process "
+          "+ its reader = both")
     for size in sizes:
         worker, reader = rss[size]
         print(f"  {size:>10,} rows: {worker / 2**20:6.1f} MB + {reader / 2**20:6.1f} MB "
