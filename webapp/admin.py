@@ -353,6 +353,13 @@ def _found(model: type, row_id: int):
     return row
 
 
+def _allowed(kind: str, state: str) -> dict[str, bool]:
+    """Which actions a job's or an email's state allows (the buttons on its page), from the
+    same states the actions themselves check."""
+    column = 0 if kind == "job" else 1
+    return {action: state in states[column] for action, states in ACTIONS.items()}
+
+
 def _audit_log(subject: Column, row_id: int) -> list[AdminAction]:
     """The admin actions on one job or email (`subject`: AdminAction.job_id or .email_id)."""
     return list(db.session.scalars(select(AdminAction).where(subject == row_id)
@@ -380,14 +387,15 @@ def job(job_id: int):
     file_size = files.size(job.file_name) if job.file_name and files.exists(job.file_name) \
         else None
     return _render("admin/job.html", job=job, emails=emails, actions=actions,
-                   file_size=file_size, part_size=files.part_size(job.id, job.format))
+                   file_size=file_size, part_size=files.part_size(job.id, job.format),
+                   allowed=_allowed("job", job.state))
 
 
 @bp.get("/emails/<int:email_id>")
 @staff_required
 def email(email_id: int):
     email = _found(OutboundEmail, email_id)
-    return _render("admin/email.html", email=email,
+    return _render("admin/email.html", email=email, allowed=_allowed("email", email.state),
                    actions=_audit_log(AdminAction.email_id, email.id))
 
 
