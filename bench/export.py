@@ -26,6 +26,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -292,15 +293,13 @@ def main() -> None:
             print(f"seeding SQLite with {size:,} rows …", file=sys.stderr)
             prepare(inst, url, size)
             env = _env(inst, url)
-
-            def engine(inst=inst, env=env):
-                return measure([*me, "--child", "engine", "--out", str(inst / "e.csv")], env,
-                               inst / "stdout", inst / "e.csv.json")
-
             if size == args.rows:
+                engine = [*me, "--child", "engine", "--out", str(inst / "e.csv")]
                 tool = ["sqlite3", "-csv", "-header", str(inst / "exportdesk.db"), export_sql(url)]
-                ours, cli = best_of(args.repeat, engine, lambda tool=tool, inst=inst, env=env:
-                                    measure(tool, env, inst / "cli.csv"))
+                ours, cli = best_of(
+                    args.repeat,
+                    partial(measure, engine, env, inst / "stdout", inst / "e.csv.json"),
+                    partial(measure, tool, env, inst / "cli.csv"))
                 table.append(("exportdesk engine (SQLite)", size, *ours))
                 table.append(("sqlite3 -csv", size, *cli))
             if size in rss_sizes:
@@ -321,11 +320,11 @@ def main() -> None:
                 env = _env(inst, url)
                 psql_url = url.replace("+psycopg", "")
                 copy = f"\\copy ({export_sql(url)}) to stdout with (format csv, header)"
+                engine = [*me, "--child", "engine", "--out", str(inst / "e.csv")]
                 ours, cli = best_of(
                     args.repeat,
-                    lambda: measure([*me, "--child", "engine", "--out", str(inst / "e.csv")],
-                                    env, inst / "stdout", inst / "e.csv.json"),
-                    lambda: measure(["psql", psql_url, "-q", "-c", copy], env, inst / "cli.csv"))
+                    partial(measure, engine, env, inst / "stdout", inst / "e.csv.json"),
+                    partial(measure, ["psql", psql_url, "-q", "-c", copy], env, inst / "cli.csv"))
                 table.append(("exportdesk engine (PostgreSQL)", args.rows, *ours))
                 table.append(("psql \\copy", args.rows, *cli))
             finally:

@@ -110,6 +110,8 @@ def _copy_batches(conn: Connection, dataset: Dataset, org_id: int, params: dict[
     on `conn` (the `size`-th key after the last one, read from the key's index), so the next
     pages can be read on connections of their own while this one is written. The page
     without an end is the last, unless it comes back full (rows added meanwhile)."""
+    import psycopg
+
     key = dataset.table.c[dataset.key]
     key_index = dataset.column_names.index(dataset.key)
     lower, upper = bindparam("lower", 0), bindparam("upper", 0)  # 0: replaced per page
@@ -129,8 +131,6 @@ def _copy_batches(conn: Connection, dataset: Dataset, org_id: int, params: dict[
         free.put(connection.driver_connection)
 
     def fetch(start: object, end: object) -> Batch | None:
-        import psycopg
-
         page = pages[start is None, end is None]
         values = {**page.params, **{k: v for k, v in (("lower", start), ("upper", end))
                                     if k in page.params}}

@@ -149,7 +149,8 @@ def deliver(email_id: int, max_attempts: int) -> None:
         transport().send(build_message(email))
     except Exception as exc:
         error = f"{type(exc).__name__}: {exc}"
-        retry = email.attempts < max_attempts
+        attempt = email.attempts
+        retry = attempt < max_attempts
         db.session.rollback()
         ended = db.session.execute(  # unless an admin cancelled it meanwhile
             update(OutboundEmail)
@@ -157,7 +158,7 @@ def deliver(email_id: int, max_attempts: int) -> None:
             .values(state=EmailState.RETRYING if retry else EmailState.FAILED, error=error)
         ).rowcount
         db.session.commit()
-        log.warning("email %s attempt %s failed: %s", email_id, email.attempts, error)
+        log.warning("email %s attempt %s failed: %s", email_id, attempt, error)
         if retry and ended:
             raise DeliveryFailed(error) from exc
         return
