@@ -3,30 +3,33 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import socket
 import threading
 import time
 import zlib
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timedelta
 from traceback import format_exception
-from typing import BinaryIO
 
-from flask import current_app
+from flask import current_app, has_app_context
 from huey.exceptions import TaskTimeout
 from redis import exceptions as redis_exc
 from sqlalchemy import Connection, func, select, update
 from sqlalchemy import exc as sa_exc
 
-from jobs import fastcsv, lanes
+from jobs import dispatch, fastcsv, lanes
 from jobs.datasets import DATASETS, Dataset, InvalidParams
 from jobs.fastcsv import neutralise
-from jobs.storage import LocalStorage
+from jobs.storage import LocalStorage, Part, Prefix
 from webapp import emails
 from webapp.models import ExportJob, JobAttempt, JobState, User, db, locked, utcnow
+
+log = logging.getLogger(__name__)
 
 MIME_TYPES = {
     "csv": "text/csv",  # Flask adds "; charset=utf-8" to text types
@@ -52,15 +55,58 @@ XLSX_CELLS: dict[str, Callable] = {
 
 @dataclass
 class Checkpoint:
-    """How far a part file is known to be good: on disk (fsynced) and recorded in the job row."""
+    """How far a part file is known to be good: on disk (fsynced) and recorded in the job row.
+
+    `part` names the claim's part file that holds the `bytes` bytes, `sha256` is their digest
+    (a resume checks both before writing on), and `complete` says every row is in them: the
+    export only needs publishing.
+    """
 
     last_key: object = None
     rows: int = 0
     bytes: int = 0
+    sha256: str = ""
+    part: str | None = None
+    complete: bool = False
 
     @classmethod
     def from_json(cls, data: dict | None) -> Checkpoint:
         return cls(**data) if data else cls()
+
+
+_faults_seen: Counter = Counter()
+
+
+def fault(step: str) -> None:
+    """Tests only: SIGKILL this worker's process group at the step FAULT_INJECT names.
+
+    FAULT_INJECT is "step" or "step:n" (the n-th time this process reaches it). Steps, in the
+    order an export meets them: written (bytes written, not yet fsynced), synced (fsynced, the
+    checkpoint not yet committed), checkpointed (committed), final (the last bytes fsynced,
+    the final checkpoint not yet committed), published (the file renamed into place, the job
+    not yet marked succeeded), committed (marked succeeded, the email not yet handed to its
+    lane). Refused in production (webapp.config).
+    """
+    spec = current_app.config.get("FAULT_INJECT", "") if has_app_context() else ""
+    name, _, nth = spec.partition(":")
+    if name != step:
+        return
+    _faults_seen[step] += 1
+    if _faults_seen[step] >= int(nth or 1):
+        log.warning("FAULT_INJECT: killing this consumer at step %r", spec)
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+def _checkpoint(out: Part, position: Checkpoint, on_checkpoint: Callable[[Checkpoint], None],
+                complete: bool = False) -> None:
+    """Fsync, then record: a checkpoint never counts a byte that is not on disk."""
+    fault("written")
+    out.sync()
+    fault("final" if complete else "synced")
+    position.bytes, position.sha256 = out.size, out.sha256
+    position.part, position.complete = out.name, complete
+    on_checkpoint(replace(position))
+    fault("checkpointed")
 
 
 class Cancelled(Exception):
@@ -76,7 +122,7 @@ def stream(
     dataset: Dataset,
     org_id: int,
     params: dict[str, str],
-    out: BinaryIO,
+    out: Part,
     start: Checkpoint,
     on_checkpoint: Callable[[Checkpoint], None],
     batch_rows: int = 5000,
@@ -86,17 +132,17 @@ def stream(
 ) -> Checkpoint:
     """Write the dataset in `fmt` to `out` from `start`; call on_checkpoint a few times a second.
 
-    `out` must already hold exactly `start.bytes` good bytes. A checkpoint is reported only
-    after the bytes it counts are flushed and fsynced, so a resume from it is byte-identical.
-    csv.gz closes a gzip member at every checkpoint (concatenated members are one valid gzip
-    stream), so it can be cut back to a checkpoint like csv. xlsx always starts from zero.
+    `out` must already hold exactly the `start.bytes` good bytes of `start`. A checkpoint is
+    reported only after the bytes it counts are fsynced, so a resume from it is byte-identical;
+    the last one is `complete`. csv.gz closes a gzip member at every checkpoint (concatenated
+    members are one valid gzip stream), so it resumes like csv. xlsx always starts from zero.
     """
     if fmt == "xlsx":
         return _stream_xlsx(conn, dataset, org_id, params, out, on_checkpoint, batch_rows,
                             interval)
     if fmt not in RESUMABLE:
         raise InvalidParams({"format": f"unknown format {fmt!r}"})
-    position = Checkpoint(start.last_key, start.rows, start.bytes)
+    position = Checkpoint(start.last_key, start.rows)
     gzip_member: list = []  # the open member's compressor, if any
 
     def emit(data: bytes) -> None:
@@ -105,18 +151,13 @@ def stream(
                 gzip_member.append(zlib.compressobj(6, zlib.DEFLATED, 31))  # 31: gzip framing
             data = gzip_member[0].compress(data)
         out.write(data)
-        position.bytes += len(data)
 
-    def checkpoint() -> None:
+    def checkpoint(complete: bool = False) -> None:
         if gzip_member:
-            tail = gzip_member.pop().flush()
-            out.write(tail)
-            position.bytes += len(tail)
-        out.flush()
-        os.fsync(out.fileno())
-        on_checkpoint(Checkpoint(position.last_key, position.rows, position.bytes))
+            out.write(gzip_member.pop().flush())
+        _checkpoint(out, position, on_checkpoint, complete)
 
-    if position.bytes == 0:
+    if out.size == 0:
         emit(("\ufeff".encode() if bom else b"") + fastcsv.header(dataset))
     last_checkpoint = time.monotonic()
     pages = fastcsv.batches(conn, dataset, org_id, params, position.last_key, batch_rows)
@@ -130,15 +171,16 @@ def stream(
                 last_checkpoint = time.monotonic()
     finally:
         pages.close()  # also on cancel: stop reading ahead
-    checkpoint()
+    checkpoint(complete=True)
     return position
 
 
 def _stream_xlsx(conn: Connection, dataset: Dataset, org_id: int, params: dict[str, str],
-                 out: BinaryIO, on_checkpoint: Callable[[Checkpoint], None], batch_rows: int,
+                 out: Part, on_checkpoint: Callable[[Checkpoint], None], batch_rows: int,
                  interval: float) -> Checkpoint:
     """One sheet with typed cells, in XlsxWriter's constant_memory mode (rows go to a temp
-    file as they come; the zip is written at the end). Checkpoints report progress only."""
+    file as they come; the zip is written at the end, streamed through `out`, which hashes it).
+    Checkpoints report progress only, but the last, which records the finished file."""
     import xlsxwriter
 
     book = xlsxwriter.Workbook(out, {
@@ -171,18 +213,22 @@ def _stream_xlsx(conn: Connection, dataset: Dataset, org_id: int, params: dict[s
         position.rows += len(rows)
         position.last_key = rows[-1][key_index]
         if time.monotonic() - last_checkpoint >= interval:
-            on_checkpoint(Checkpoint(position.last_key, position.rows, 0))
+            on_checkpoint(Checkpoint(position.last_key, position.rows))
+            fault("checkpointed")
             last_checkpoint = time.monotonic()
     book.close()
-    out.flush()
-    os.fsync(out.fileno())
-    position.bytes = out.tell()
-    on_checkpoint(Checkpoint(position.last_key, position.rows, position.bytes))
+    _checkpoint(out, position, on_checkpoint, complete=True)
     return position
 
 
+def host() -> str:
+    """This machine's name in claims (WORKER_HOST overrides it, e.g. in containers whose
+    hostnames repeat)."""
+    return os.environ.get("WORKER_HOST") or socket.gethostname()
+
+
 def worker_name() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
+    return f"{host()}:{os.getpid()}"
 
 
 def storage() -> LocalStorage:
@@ -291,8 +337,9 @@ def _claim(job_id: int, max_attempts: int) -> tuple[ExportJob, JobAttempt] | Non
         job.error = f"Gave up after {max_attempts} attempts" + (
             f"; last error: {job.error}" if job.error else " (its workers stopped responding)")
         job.finished_at = now
-        job.claimed_by = job.lease_expires_at = None
+        job.claimed_by = job.lease_expires_at = job.checkpoint = None
         db.session.commit()
+        storage().discard_parts(job_id)  # a failed job leaves no part behind
         return None
     attempt = JobAttempt(job=job, number=number, worker=worker_name())
     db.session.add(attempt)
@@ -385,52 +432,31 @@ def run(job_id: int, max_attempts: int) -> None:
     if claimed is None:
         return
     job, attempt = claimed
-    claim = job.claimed_by
+    claim = f"{attempt.worker}#{attempt.number}"  # as _claim wrote it (the row may change)
     # Stop cleanly at a checkpoint just before the lane's hard timeout (SIGALRM) would strike
     # at a random point; the hard limit stays as the backstop for a stuck query.
     limit = lanes.exports.settings.timeout
     soft_deadline = time.monotonic() + limit - min(limit * 0.25, 5.0)
     heartbeat = _Heartbeat(current_app._get_current_object(), job.id, claim)
     files = storage()
+
+    def on_checkpoint(cp: Checkpoint) -> None:
+        _save(job.id, claim, checkpoint=asdict(cp), rows_done=cp.rows, bytes=cp.bytes,
+              lease_expires_at=utcnow() + _lease())
+        if cp.complete:
+            return  # all that is left is to publish: no reason to stop now
+        if lanes.stopping():
+            raise Interrupted
+        if time.monotonic() > soft_deadline:
+            raise TaskTimeout(f"timeout ({limit}s)")
+
     try:
         heartbeat.start()
-        dataset = DATASETS.get(job.dataset)
-        if dataset is None:
-            raise PermanentFailure(f"The dataset {job.dataset!r} no longer exists.")
-        params = dataset.clean_params(job.params)
-        with db.engine.connect() as conn:
-            if job.rows_total is None:
-                total = conn.execute(dataset.count(job.org_id, params)).scalar_one()
-                _save(job.id, claim, rows_total=total, lease_expires_at=utcnow() + _lease())
-
-            def on_checkpoint(cp: Checkpoint) -> None:
-                _save(job.id, claim, checkpoint=asdict(cp), rows_done=cp.rows, bytes=cp.bytes,
-                      lease_expires_at=utcnow() + _lease())
-                if lanes.stopping():
-                    raise Interrupted
-                if time.monotonic() > soft_deadline:
-                    raise TaskTimeout(f"timeout ({limit}s)")
-
-            start = Checkpoint.from_json(job.checkpoint)
-            if job.format not in RESUMABLE:
-                start = Checkpoint()
-            with files.open_part(job.id, job.format, start.bytes) as out:
-                stream(conn, dataset, job.org_id, params, out, start, on_checkpoint,
-                       current_app.config["EXPORT_BATCH_ROWS"],
-                       current_app.config["CHECKPOINT_INTERVAL"], job.format,
-                       current_app.config["CSV_BOM"])
-        _disarm_hard_timeout()  # the rest is short and must not be cut in half
-        # Marked succeeded and published in one transaction that holds the claim's row lock.
-        _save(job.id, claim, commit=False, state=JobState.SUCCEEDED,
-              file_name=f"job-{int(job.id)}.{job.format}", finished_at=utcnow(),
-              lease_expires_at=None)
-        files.publish(job.id, job.format)
-        db.session.refresh(job)
-        emails.export_finished(job)  # saved in the same commit as the job's end
+        _export(job, attempt, claim, files, on_checkpoint)
         attempt.outcome = "succeeded"
     except Cancelled:
         db.session.rollback()
-        files.discard_part(job.id, job.format)
+        files.discard_parts(job.id)
         attempt.outcome = "cancelled"
     except LostClaim:
         db.session.rollback()
@@ -453,12 +479,14 @@ def run(job_id: int, max_attempts: int) -> None:
         timed_out = _caused_by(exc, TaskTimeout)
         error = reason(timed_out or exc)
         retry = not is_permanent(exc) and _tries(job) < max_attempts
+        keep_part = retry and _may_keep_part(exc, files)
         owned = True
         try:
             _save(job.id, claim, commit=False,
                   state=JobState.RETRYING if retry else JobState.FAILED,
                   error=error, lease_expires_at=None, enqueued_at=None,
-                  finished_at=None if retry else utcnow())
+                  finished_at=None if retry else utcnow(),
+                  **({} if keep_part else {"checkpoint": None}))
         except (Cancelled, LostClaim) as outcome:
             retry, owned = False, isinstance(outcome, Cancelled)
         attempt.outcome = "timed_out" if timed_out else "failed"
@@ -469,10 +497,143 @@ def run(job_id: int, max_attempts: int) -> None:
             db.session.refresh(job)
             emails.export_finished(job)
         db.session.commit()
-        # The part file stays, so a retry by hand resumes from the checkpoint; retention
-        # removes it with the job's other files.
+        if owned and not keep_part:  # a failed or cancelled job leaves no part behind
+            files.discard_parts(job.id)
         raise AttemptFailed(error, retry, attempt.number) from exc
     finally:
         heartbeat.done.set()
     attempt.finished_at = utcnow()
     db.session.commit()
+
+
+def _export(job: ExportJob, attempt: JobAttempt, claim: str, files: LocalStorage,
+            on_checkpoint: Callable[[Checkpoint], None]) -> None:
+    """Write the job's file from its checkpoint, publish it, and mark the job succeeded in the
+    session (the caller commits).
+
+    Every instant is safe to die in: the checkpoint names the part holding its bytes and their
+    digest, so the next claim copies a verified prefix into a part of its own (or starts over,
+    noting why); a complete checkpoint is only published; a file published before the commit
+    that should have followed is recognised by its length and digest and not written again.
+    """
+    dataset = DATASETS.get(job.dataset)
+    if dataset is None:
+        raise PermanentFailure(f"The dataset {job.dataset!r} no longer exists.")
+    params = dataset.clean_params(job.params)
+    start = Checkpoint.from_json(job.checkpoint)
+    if job.format not in RESUMABLE and not start.complete:
+        start = Checkpoint()
+    if start.complete and start.part:
+        published = files.final_name(start.part)
+        if files.verify(published, start.bytes, start.sha256):
+            _disarm_hard_timeout()
+            _succeed(job, claim, published, start)
+            return
+    keep = Prefix(start.part, start.bytes, start.sha256) if start.part and start.bytes else None
+    out, problem = files.open_part(job.id, attempt.number, job.format, keep)
+    with out:
+        if problem:
+            attempt.note = f"Started over from the first row: {problem}."
+            log.warning("job %s: %s", job.id, attempt.note)
+            start = Checkpoint()
+        if start.complete:  # every row is in the copied prefix: record it as this claim's
+            position = replace(start)
+            _checkpoint(out, position, on_checkpoint, complete=True)
+        else:
+            with db.engine.connect() as conn:
+                if job.rows_total is None:
+                    total = conn.execute(dataset.count(job.org_id, params)).scalar_one()
+                    _save(job.id, claim, rows_total=total,
+                          lease_expires_at=utcnow() + _lease())
+                position = stream(conn, dataset, job.org_id, params, out, start, on_checkpoint,
+                                  current_app.config["EXPORT_BATCH_ROWS"],
+                                  current_app.config["CHECKPOINT_INTERVAL"], job.format,
+                                  current_app.config["CSV_BOM"])
+    _disarm_hard_timeout()  # the rest is short and must not be cut in half
+    published = files.publish(out)
+    fault("published")
+    _succeed(job, claim, published, position)
+
+
+def _succeed(job: ExportJob, claim: str, published: str, final: Checkpoint) -> None:
+    """Mark the job succeeded with its file and digest, and record the owner's email, in the
+    session's transaction (while this worker still holds its claim)."""
+    _save(job.id, claim, commit=False, state=JobState.SUCCEEDED, file_name=published,
+          sha256=final.sha256, bytes=final.bytes, rows_done=final.rows, finished_at=utcnow(),
+          lease_expires_at=None)
+    dispatch.on_commit(db.session(), lambda: fault("committed"))  # before the email's send
+    db.session.refresh(job)
+    emails.export_finished(job)  # saved in the same commit as the job's end
+
+
+def _may_keep_part(exc: BaseException, files: LocalStorage) -> bool:
+    """Whether a failed attempt that will be retried keeps its part to resume from: not when
+    the disk is full (the part would fail the next export too), nor beyond EXPORT_PARTS_BUDGET
+    bytes of parts on disk."""
+    full = _caused_by(exc, OSError)
+    if full is not None and full.errno in (errno.ENOSPC, errno.EDQUOT):
+        return False
+    try:
+        return files.parts_bytes() <= current_app.config["EXPORT_PARTS_BUDGET"]
+    except OSError:
+        return False
+
+
+def _process_gone(pid: int) -> bool:
+    """True when no process `pid` runs on this host (or only its zombie, not yet reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] == "Z"
+    except (FileNotFoundError, IndexError):
+        return not os.path.exists(f"/proc/{pid}")
+
+
+def release_dead_claims() -> list[int]:
+    """Jobs claimed by worker processes of this host that are gone: back on their lane now.
+
+    A consumer calls it when it starts and whenever it checks its workers, so an export whose
+    worker died resumes within seconds instead of after its lease. A dead worker of another
+    host cannot be seen from here: its jobs wait for the lease (jobs.dispatch.reconcile).
+    """
+    prefix = f"{host()}:"
+    claims = db.session.execute(
+        select(ExportJob.id, ExportJob.claimed_by).where(
+            ExportJob.state == JobState.RUNNING,
+            ExportJob.claimed_by.startswith(prefix, autoescape=True))
+    ).all()
+    db.session.rollback()
+    released = []
+    for job_id, claim in claims:
+        pid = claim[len(prefix):].partition("#")[0]
+        if not pid.isdigit() or not _process_gone(int(pid)):
+            continue
+        moved = db.session.execute(
+            update(ExportJob)
+            .where(ExportJob.id == job_id, ExportJob.claimed_by == claim,
+                   ExportJob.state == JobState.RUNNING)
+            .values(state=JobState.RETRYING, claimed_by=None, lease_expires_at=None,
+                    enqueued_at=None)
+        ).rowcount
+        if moved:
+            db.session.execute(
+                update(JobAttempt)
+                .where(JobAttempt.job_id == job_id, JobAttempt.finished_at.is_(None))
+                .values(outcome="lost", finished_at=utcnow(),
+                        error=f"its worker process ({claim.partition('#')[0]}) is gone")
+            )
+        db.session.commit()
+        if moved:
+            released.append(job_id)
+            try:
+                dispatch.send(job_id)
+            except Exception as exc:  # the reconciler sends it once the lane answers
+                log.warning("job %s released but not sent (%s)", job_id, exc)
+    if released:
+        log.info("resumed jobs of this host's dead workers at once: %s", released)
+    return released

@@ -1,60 +1,193 @@
-"""Where export files live: one small interface, a local folder for now (S3 later)."""
+"""Where export files live: one small interface, a local folder for now (S3 later).
+
+Every claim of a job (attempt number N) writes only files of its own: the part
+`job-<id>.a<N>.<fmt>.part`, published by a rename to `job-<id>.a<N>.<fmt>`. A worker that lost
+its claim (paused past its lease) can therefore never write into a file another claim resumes
+or publishes: its open handle points at a part nobody reads. A resume copies the previous
+claim's part, verified against the checkpoint's length and SHA-256, into a part of its own; a
+part is never extended, and a published file is never replaced.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+CHUNK = 1 << 20
+OUR_FILE = re.compile(r"job-(\d+)\.(?:a\d+\.)?[\w.]+?(\.part)?")
+
+
+@dataclass(frozen=True)
+class Prefix:
+    """The bytes a resume may keep: the first `size` bytes of the part `name`, whose SHA-256
+    is `sha256` (what the checkpoint recorded)."""
+
+    name: str
+    size: int
+    sha256: str
+
+
+class Part:
+    """A claim's own part file, open for appending; every byte written is counted and hashed,
+    so the file's SHA-256 is known when it is finished, without reading it again.
+
+    It has no `tell` or `seek` on purpose: a zip writer (xlsx) then streams its entries
+    instead of seeking back to patch headers, so what it writes is what gets hashed."""
+
+    def __init__(self, fh: BinaryIO, name: str, hasher, size: int):
+        self._fh, self.name, self._hasher, self.size = fh, name, hasher, size
+
+    def write(self, data: bytes) -> int:
+        self._fh.write(data)
+        self._hasher.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._fh.flush()
+
+    def sync(self) -> None:
+        """Flush and fsync: after this, `size` bytes are on disk."""
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    @classmethod
+    def create(cls, path: str | os.PathLike) -> Part:
+        """A new, empty file at `path` (e.g. `flask export --output`)."""
+        return cls(open(path, "wb"), Path(path).name, hashlib.sha256(), 0)  # noqa: SIM115
+
+    @property
+    def sha256(self) -> str:
+        return self._hasher.hexdigest()
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> Part:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 class LocalStorage:
-    """Export files in one folder, named only by job id and format, never by request input."""
+    """Export files in one folder, named only by job id, attempt and format, never by request
+    input."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
 
-    def _part(self, job_id: int, fmt: str) -> Path:
-        return self.root / f"job-{int(job_id)}.{fmt}.part"
+    @staticmethod
+    def part_name(job_id: int, attempt: int, fmt: str) -> str:
+        return f"job-{int(job_id)}.a{int(attempt)}.{fmt}.part"
 
-    def _final(self, name: str) -> Path:
-        if "/" in name or "\\" in name or name.startswith("."):
+    @staticmethod
+    def final_name(part_name: str) -> str:
+        return part_name.removesuffix(".part")
+
+    def _path(self, name: str) -> Path:
+        if "/" in name or "\\" in name or name.startswith(".") or not OUR_FILE.fullmatch(name):
             raise ValueError(f"not a file name of ours: {name!r}")
         return self.root / name
 
-    def open_part(self, job_id: int, fmt: str, size: int) -> BinaryIO:
-        """The part file cut back to `size` bytes (the last checkpoint), positioned at its end."""
+    def open_part(self, job_id: int, attempt: int, fmt: str,
+                  keep: Prefix | None = None) -> tuple[Part, str | None]:
+        """A new part for this claim, holding the verified prefix `keep` if there is one.
+
+        The prefix is copied from its part and hashed on the way; when that part is missing,
+        shorter than the prefix or its bytes differ, the new part starts empty and the second
+        value says why (for the attempt's record). Parts of the job's other claims are removed
+        afterwards: their owners lost their claims.
+        """
         self.root.mkdir(parents=True, exist_ok=True)
-        path = self._part(job_id, fmt)
-        fh = open(path, "r+b" if path.exists() else "w+b")  # noqa: SIM115 (caller closes)
-        fh.truncate(size)
-        fh.seek(size)
-        return fh
+        name = self.part_name(job_id, attempt, fmt)
+        fh = open(self._path(name), "w+b")  # noqa: SIM115 (the Part closes it)
+        hasher, size, note = hashlib.sha256(), 0, None
+        if keep is not None and keep.size > 0:
+            note = self._copy_prefix(keep, fh, hasher)
+            if note is None:
+                size = keep.size
+            else:
+                fh.seek(0)
+                fh.truncate(0)
+                hasher = hashlib.sha256()
+        self.discard_parts(job_id, keep=name)
+        return Part(fh, name, hasher, size), note
 
-    def publish(self, job_id: int, fmt: str) -> str:
-        """Rename the finished part into place (atomic); returns the stored file's name."""
-        name = f"job-{int(job_id)}.{fmt}"
-        os.replace(self._part(job_id, fmt), self._final(name))
-        return name
+    def _copy_prefix(self, keep: Prefix, out: BinaryIO, hasher) -> str | None:
+        """Copy and hash the first keep.size bytes of keep.name into out; why not, or None."""
+        try:
+            src = open(self._path(keep.name), "rb")  # noqa: SIM115
+        except FileNotFoundError:
+            return f"the checkpoint's part {keep.name} is missing"
+        with src:
+            left = keep.size
+            while left:
+                chunk = src.read(min(CHUNK, left))
+                if not chunk:
+                    return (f"the checkpoint's part {keep.name} holds {keep.size - left:,} bytes,"
+                            f" fewer than the {keep.size:,} it recorded")
+                out.write(chunk)
+                hasher.update(chunk)
+                left -= len(chunk)
+        if hasher.hexdigest() != keep.sha256:
+            return f"the first {keep.size:,} bytes of {keep.name} differ from the checkpoint's"
+        return None
 
-    def part_size(self, job_id: int, fmt: str) -> int | None:
-        """How many bytes a job's part file holds; None when it has none (nothing to resume)."""
-        path = self._part(job_id, fmt)
-        return path.stat().st_size if path.exists() else None
+    def publish(self, part: Part) -> str:
+        """Move a finished (synced, closed) part to its final name; returns that name.
 
-    def discard_part(self, job_id: int, fmt: str) -> None:
-        self._part(job_id, fmt).unlink(missing_ok=True)
+        The final name is the part's own (one per claim), so a publish never replaces a file
+        another claim published. The directory is synced, so the rename survives a crash."""
+        final = self.final_name(part.name)
+        os.rename(self._path(part.name), self._path(final))
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return final
+
+    def verify(self, name: str, size: int, sha256: str) -> bool:
+        """True when the file `name` holds exactly `size` bytes whose SHA-256 is `sha256`."""
+        try:
+            if self.size(name) != size:
+                return False
+            hasher = hashlib.sha256()
+            with self.open(name) as fh:
+                while chunk := fh.read(CHUNK):
+                    hasher.update(chunk)
+        except FileNotFoundError:
+            return False
+        return hasher.hexdigest() == sha256
+
+    def parts(self, job_id: int) -> list[str]:
+        """The names of a job's part files (of any claim)."""
+        prefix = f"job-{int(job_id)}."
+        return [name for name, _size, _mtime in self.entries()
+                if name.startswith(prefix) and name.endswith(".part")]
+
+    def discard_parts(self, job_id: int, keep: str | None = None) -> None:
+        """Remove a job's part files, but `keep`."""
+        for name in self.parts(job_id):
+            if name != keep:
+                self.delete(name)
 
     def open(self, name: str) -> BinaryIO:
-        return open(self._final(name), "rb")  # noqa: SIM115 (the response closes it)
+        return open(self._path(name), "rb")  # noqa: SIM115 (the response closes it)
 
     def size(self, name: str) -> int:
-        return self._final(name).stat().st_size
+        return self._path(name).stat().st_size
 
     def exists(self, name: str) -> bool:
-        return self._final(name).exists()
+        return self._path(name).exists()
 
     def delete(self, name: str) -> None:
-        self._final(name).unlink(missing_ok=True)
+        self._path(name).unlink(missing_ok=True)
 
     def entries(self) -> list[tuple[str, int, float]]:
         """Every file in the folder as (name, size, modified time): for retention and disk use."""
@@ -72,3 +205,10 @@ class LocalStorage:
 
     def used_bytes(self) -> int:
         return sum(size for _name, size, _mtime in self.entries())
+
+    def parts_bytes(self, job_id: int | None = None) -> int:
+        """Bytes held by part files (of running exports and those kept for a retry), or by
+        one job's."""
+        prefix = "job-" if job_id is None else f"job-{int(job_id)}."
+        return sum(size for name, size, _mtime in self.entries()
+                   if name.startswith(prefix) and name.endswith(".part"))

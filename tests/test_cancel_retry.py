@@ -157,31 +157,28 @@ def test_engine_skips_the_message_of_a_cancelled_or_already_claimed_job(app):
             assert db.session.get(ExportJob, job_id).attempts == []
 
 
-def test_failed_export_retried_by_hand_resumes_from_its_checkpoint(app, instance, monkeypatch):
+def test_failed_attempt_resumes_from_its_checkpoint_a_failed_job_keeps_no_part(
+        app, instance, monkeypatch):
     real_batches = fastcsv.batches
     batches: list[int] = []
 
     def flaky(*args, **kwargs):
         for batch in real_batches(*args, **kwargs):
             batches.append(batch.rows)
-            if len(batches) == 3:
+            if len(batches) in (3, 1003):  # the first export's third batch, once
                 raise RuntimeError("database went away")
             yield batch
 
     monkeypatch.setattr(fastcsv, "batches", flaky)
     job_id = make_job(app)
     with app.app_context(), pytest.raises(engine.AttemptFailed):
-        engine.run(job_id, max_attempts=1)
+        engine.run(job_id, max_attempts=2)
     failed = load(app, job_id)
-    assert failed.state == "failed" and "database went away" in failed.error
+    assert failed.state == "retrying" and "database went away" in failed.error
     assert failed.rows_done == 2 * app.config["EXPORT_BATCH_ROWS"]
-
     with app.app_context():
-        job = db.session.get(ExportJob, job_id)
-        dispatch.retry(job)
-        db.session.commit()
-        assert job.state == "queued" and job.rows_done == failed.rows_done, "kept the checkpoint"
-        engine.run(job_id, max_attempts=5)
+        assert engine.storage().parts(job_id), "a part kept for the retry"
+        engine.run(job_id, max_attempts=2)
     done = load(app, job_id)
     # An uninterrupted run reads ceil(rows / batch) batches; here only the batch that failed
     # is read on top: the two before it were not read again.
@@ -190,6 +187,24 @@ def test_failed_export_retried_by_hand_resumes_from_its_checkpoint(app, instance
     data = (instance / "exports" / done.file_name).read_bytes().decode("utf-8")
     rows = list(csv.reader(io.StringIO(data, newline="")))
     assert rows == expected_rows(os.environ["DATABASE_URL"], "transactions", "acme")
+
+    # A job that failed for good leaves no part behind; a retry by hand starts over.
+    batches[:] = [0] * 1000
+    job_id = make_job(app)
+    with app.app_context(), pytest.raises(engine.AttemptFailed):
+        engine.run(job_id, max_attempts=1)
+    failed = load(app, job_id)
+    assert failed.state == "failed" and failed.checkpoint is None
+    with app.app_context():
+        assert engine.storage().parts(job_id) == []
+        job = db.session.get(ExportJob, job_id)
+        dispatch.retry(job)
+        db.session.commit()
+        assert job.state == "queued" and job.rows_done == 0, "nothing to resume from"
+        engine.run(job_id, max_attempts=5)
+    again = load(app, job_id)
+    assert again.state == "succeeded"
+    assert (instance / "exports" / again.file_name).read_bytes().decode("utf-8") == data
 
 
 def test_progress_shows_rows_elapsed_and_eta(app, alice):

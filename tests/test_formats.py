@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import csv
 import gzip
+import hashlib
 import io
+import tempfile
 import zlib
 from datetime import datetime
+from pathlib import Path
 
 import openpyxl
 import pytest
@@ -16,7 +19,7 @@ from sqlalchemy import insert
 
 from jobs import engine
 from jobs.datasets import DATASETS
-from jobs.storage import LocalStorage
+from jobs.storage import LocalStorage, Part, Prefix
 from webapp.auth import find_user
 from webapp.models import ExportJob, Organisation, Transaction, User, db
 
@@ -35,17 +38,13 @@ def run_job(app, email: str, fmt: str, dataset: str = "transactions") -> ExportJ
 
 
 def inline(app, email: str, fmt: str, dataset: str = "transactions", **kw) -> bytes:
-    out = io.BytesIO()
-    out.fileno = lambda: -1  # noqa: E731 (in memory: nothing to fsync)
-    with app.app_context(), db.engine.connect() as conn:
+    with tempfile.TemporaryDirectory() as tmp, app.app_context(), db.engine.connect() as conn:
         org = find_user(email).org_id
-        orig, engine.os.fsync = engine.os.fsync, lambda fd: None
-        try:
+        path = Path(tmp) / "out"
+        with Part.create(path) as out:
             engine.stream(conn, DATASETS[dataset], org, {}, out, engine.Checkpoint(),
                           lambda cp: None, 300, 0.0, fmt, **kw)
-        finally:
-            engine.os.fsync = orig
-    return out.getvalue()
+        return path.read_bytes()
 
 
 def test_csv_gz_decompresses_to_the_csv_export(app, instance):
@@ -75,20 +74,28 @@ def test_stream_resumes_from_a_checkpoint_byte_for_byte(app, tmp_path, fmt):
         if len(seen) == 4:
             raise Crash
 
-    part_path = tmp_path / f"job-1.{fmt}.part"
+    files = LocalStorage(tmp_path)
     with app.app_context(), db.engine.connect() as conn:
         org = find_user("alice@acme.test").org_id
-        with open(tmp_path / "whole", "w+b") as whole:
+        with Part.create(tmp_path / "whole") as whole:
             engine.stream(conn, dataset, org, {}, whole, engine.Checkpoint(), lambda c: None,
                           300, 0.0, fmt)
-        with open(part_path, "w+b") as part, pytest.raises(Crash):
-            engine.stream(conn, dataset, org, {}, part, engine.Checkpoint(), crash_on_fourth,
+        first, _ = files.open_part(1, 1, fmt)
+        with first, pytest.raises(Crash):
+            engine.stream(conn, dataset, org, {}, first, engine.Checkpoint(), crash_on_fourth,
                           300, 0.0, fmt)
-        assert part_path.stat().st_size > seen[2].bytes
-        with LocalStorage(tmp_path).open_part(1, fmt, seen[2].bytes) as part:
-            engine.stream(conn, dataset, org, {}, part, seen[2], lambda c: None, 300, 0.0, fmt)
-    resumed = part_path.read_bytes()
+        assert seen[2].part == first.name
+        assert (tmp_path / first.name).stat().st_size > seen[2].bytes
+        second, problem = files.open_part(1, 2, fmt, Prefix(first.name, seen[2].bytes,
+                                                             seen[2].sha256))
+        with second:
+            assert problem is None
+            final = engine.stream(conn, dataset, org, {}, second, seen[2], lambda c: None, 300,
+                                  0.0, fmt)
+    resumed = (tmp_path / second.name).read_bytes()
     assert resumed == (tmp_path / "whole").read_bytes()
+    assert final.sha256 == hashlib.sha256(resumed).hexdigest() and final.complete
+    assert not (tmp_path / first.name).exists(), "the first claim's part is gone"
     if fmt == "csv.gz":
         assert zlib.decompressobj(31).decompress(resumed[: seen[2].bytes])  # a whole member
 
@@ -191,8 +198,9 @@ def test_api_and_form_accept_every_format(alice):
 
 def test_disk_full_fails_the_job_with_a_reason_and_serves_nothing(app, alice, monkeypatch):
     class FullDisk(LocalStorage):
-        def open_part(self, job_id, fmt, size):
-            return open("/dev/full", "wb")  # noqa: SIM115 (every flush: ENOSPC)
+        def open_part(self, job_id, attempt, fmt, keep=None):
+            full = open("/dev/full", "wb")  # noqa: SIM115 (every flush: ENOSPC)
+            return Part(full, self.part_name(job_id, attempt, fmt), hashlib.sha256(), 0), None
 
     monkeypatch.setattr(engine, "storage", lambda: FullDisk(app.config["EXPORT_DIR"]))
     job = run_job(app, "alice@acme.test", "csv", dataset="orders")

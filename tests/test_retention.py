@@ -49,31 +49,36 @@ def test_sweep_removes_exactly_the_old_files(app, export_dir):
         published = make_job(JobState.RUNNING)  # renamed into place, its commit still to come
         failed = make_job(JobState.FAILED, age_days=1)
         failed_long_ago = make_job(JobState.FAILED, age_days=8)
-        ids = [j.id for j in (old, recent, running, published, failed)]
+        retrying = make_job(JobState.RETRYING)
+        cancelled = make_job(JobState.CANCELLED, age_days=1)
+        ids = [j.id for j in (old, recent, running, published, failed, retrying)]
         old_file = old.file_name
         touch(export_dir, old.file_name, hours_old=8 * 24)
         touch(export_dir, recent.file_name, hours_old=6 * 24)
-        touch(export_dir, f"job-{running.id}.csv.part", hours_old=5)  # a long export: kept
-        touch(export_dir, f"job-{published.id}.csv", hours_old=2)
-        touch(export_dir, f"job-{failed.id}.csv.part", hours_old=2)  # kept for a retry
-        touch(export_dir, f"job-{failed_long_ago.id}.csv.part", hours_old=8 * 24)  # too old
-        touch(export_dir, f"job-{recent.id}.csv.part", hours_old=2)  # orphan of a finished job
-        touch(export_dir, "job-99999999.csv.part", hours_old=2)  # no such job
+        touch(export_dir, f"job-{running.id}.a1.csv.part", hours_old=5)  # a long export: kept
+        touch(export_dir, f"job-{published.id}.a3.csv", hours_old=2)
+        touch(export_dir, f"job-{retrying.id}.a2.csv.gz.part", hours_old=2)  # kept for a retry
+        touch(export_dir, f"job-{failed.id}.a1.csv.part", hours_old=2)  # failed: keeps nothing
+        touch(export_dir, f"job-{cancelled.id}.a1.xlsx.part", hours_old=2)  # likewise
+        touch(export_dir, f"job-{failed_long_ago.id}.csv.part", hours_old=8 * 24)
+        touch(export_dir, f"job-{recent.id}.a2.csv.part", hours_old=2)  # orphan of a finished job
+        touch(export_dir, "job-99999999.a1.csv.gz.part", hours_old=2)  # no such job
         touch(export_dir, "job-99999998.csv", hours_old=2)  # no such job
-        touch(export_dir, f"job-{failed.id}.csv", hours_old=0.1)  # too fresh to judge
+        touch(export_dir, f"job-{failed.id}.a2.csv", hours_old=0.1)  # too fresh to judge
         touch(export_dir, "notes.txt", hours_old=100)  # not ours
 
         report = retention.sweep()
 
         assert report.expired_jobs == [old.id]
         assert sorted(report.removed_files) == sorted([
-            old_file, f"job-{failed_long_ago.id}.csv.part", f"job-{recent.id}.csv.part",
-            "job-99999999.csv.part", "job-99999998.csv"])
+            old_file, f"job-{failed_long_ago.id}.csv.part", f"job-{recent.id}.a2.csv.part",
+            f"job-{failed.id}.a1.csv.part", f"job-{cancelled.id}.a1.xlsx.part",
+            "job-99999999.a1.csv.gz.part", "job-99999998.csv"])
         assert sorted(p.name for p in export_dir.iterdir()) == sorted([
-            recent.file_name, f"job-{running.id}.csv.part", f"job-{published.id}.csv",
-            f"job-{failed.id}.csv", f"job-{failed.id}.csv.part", "notes.txt"])
+            recent.file_name, f"job-{running.id}.a1.csv.part", f"job-{published.id}.a3.csv",
+            f"job-{retrying.id}.a2.csv.gz.part", f"job-{failed.id}.a2.csv", "notes.txt"])
         states = [db.session.get(ExportJob, i).state for i in ids]
-        assert states == ["expired", "succeeded", "running", "running", "failed"]
+        assert states == ["expired", "succeeded", "running", "running", "failed", "retrying"]
         assert db.session.get(ExportJob, old.id).file_name is None
 
         assert retention.sweep().removed_files == [], "a second sweep finds nothing"

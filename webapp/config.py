@@ -38,6 +38,15 @@ def _flag(name: str, default: bool) -> bool:
     return default if raw is None else raw.strip().lower() in ("1", "true", "yes", "on")
 
 
+def _fault_injection(production: bool) -> str:
+    """FAULT_INJECT (tests only: jobs.engine.fault) kills workers on purpose: never in
+    production."""
+    step = os.environ.get("FAULT_INJECT", "")
+    if step and production:
+        raise RuntimeError("FAULT_INJECT is for tests; unset it when EXPORTDESK_ENV=production")
+    return step
+
+
 def load() -> dict:
     """The app's configuration, read from the environment at start-up."""
     instance = instance_path()
@@ -72,6 +81,11 @@ def load() -> dict:
         "EXPORT_FAILURE_EMAIL": _flag("EXPORT_FAILURE_EMAIL", True),
         "PASSWORD_RESET_TTL": timedelta(seconds=_seconds("PASSWORD_RESET_TTL", 3600)),
         "EXPORT_RETENTION": timedelta(seconds=_seconds("EXPORT_RETENTION", 7 * 86400)),
+        # A failed attempt keeps its part to resume from only while parts hold at most this.
+        "EXPORT_PARTS_BUDGET": int(os.environ.get("EXPORT_PARTS_BUDGET", 2 * 1024**3)),
+        # The lanes page warns when the export folder's disk has less free space than this.
+        "DISK_FREE_WARNING": int(os.environ.get("DISK_FREE_WARNING", 1024**3)),
+        "FAULT_INJECT": _fault_injection(production),
         "SESSION_COOKIE_HTTPONLY": True,
         "SESSION_COOKIE_SAMESITE": "Lax",
         "SESSION_COOKIE_SECURE": production,

@@ -144,6 +144,8 @@ class ExportJob(db.Model):
     rows_total: Mapped[int | None] = mapped_column(default=None)
     bytes: Mapped[int] = mapped_column(default=0)
     file_name: Mapped[str | None] = mapped_column(String(255), default=None)
+    # SHA-256 (hex) of the published file's bytes, computed while writing: the download's ETag.
+    sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     checkpoint: Mapped[dict | None] = mapped_column(JSON, default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -212,6 +214,8 @@ class JobAttempt(db.Model):
     outcome: Mapped[str | None] = mapped_column(String(20), default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     traceback: Mapped[str | None] = mapped_column(Text, default=None)  # for admins only
+    # What the attempt found and did about it, e.g. a part that failed its check, started over.
+    note: Mapped[str | None] = mapped_column(Text, default=None)
     job: Mapped[ExportJob] = relationship(back_populates="attempts")
 
 

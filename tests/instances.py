@@ -1,0 +1,109 @@
+"""A private exportdesk instance for tests that start real consumers and kill them: its own
+folder, database (SQLite, or a fresh PostgreSQL one) and SQLite lanes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from conftest import (
+    ROOT,
+    TEST_DATABASE_URL,
+    database_for,
+    drop_database,
+    migrate_and_seed,
+    wait_for,
+)
+from sqlalchemy import create_engine, func, insert, select
+from sqlalchemy.pool import NullPool
+
+from webapp.models import ExportJob, JobAttempt, User
+
+
+class Instance:
+    """Seeded with `rows` transactions; consumers run with `consumer_env` on top."""
+
+    def __init__(self, path: Path, rows: int, consumer_env: dict[str, str],
+                 user: str = "bob@globex.test"):
+        self.path, self.user, self.consumer_env = path, user, consumer_env
+        self.env = {**os.environ, "INSTANCE_PATH": str(path), "FLASK_APP": "webapp",
+                    "PYTHONUNBUFFERED": "1", "BROKER_URL": "", "DATABASE_URL": database_for(path)}
+        self.db = create_engine(self.env["DATABASE_URL"], poolclass=NullPool)
+        migrate_and_seed(self.env, rows)
+        self._inline: dict[str, Path] = {}
+
+    def close(self) -> None:
+        self.db.dispose()
+        if TEST_DATABASE_URL:
+            drop_database(TEST_DATABASE_URL, self.env["DATABASE_URL"])
+
+    def new_job(self, fmt: str) -> int:
+        """A queued job nobody has sent yet: the reconciler in the critical consumer sends it."""
+        with self.db.begin() as conn:
+            user_id, org_id = conn.execute(
+                select(User.id, User.org_id).where(User.email == self.user)).one()
+            return conn.execute(insert(ExportJob.__table__).values(
+                user_id=user_id, org_id=org_id, dataset="transactions", params={},
+                format=fmt)).inserted_primary_key[0]
+
+    def job(self, job_id: int):
+        with self.db.connect() as conn:
+            return conn.execute(select(ExportJob.__table__)
+                                .where(ExportJob.id == job_id)).one()
+
+    def attempts(self, job_id: int) -> list:
+        with self.db.connect() as conn:
+            return conn.execute(select(JobAttempt.__table__).where(JobAttempt.job_id == job_id)
+                                .order_by(JobAttempt.number)).all()
+
+    def count(self, table, *where) -> int:
+        with self.db.connect() as conn:
+            return conn.execute(select(func.count()).select_from(table).where(*where)
+                                ).scalar_one()
+
+    def scalar(self, column, *where):
+        with self.db.connect() as conn:
+            return conn.execute(select(column).where(*where)).scalar_one()
+
+    def file(self, job_id: int) -> bytes:
+        """The bytes a download of the job serves."""
+        return (self.path / "exports" / self.job(job_id).file_name).read_bytes()
+
+    def inline_export(self, fmt: str) -> Path:
+        """The same export run inline by `flask export` (once per format)."""
+        if fmt not in self._inline:
+            out = self.path / f"inline.{fmt}"
+            done = subprocess.run([sys.executable, "-m", "flask", "export", "transactions",
+                                   "--user", self.user, "--format", fmt, "--output", str(out)],
+                                  cwd=ROOT, env=self.env, capture_output=True)
+            assert done.returncode == 0, done.stderr.decode(errors="replace")
+            self._inline[fmt] = out
+        return self._inline[fmt]
+
+    @contextmanager
+    def worker(self, lane: str, name: str, **env: str):
+        """`flask worker LANE` in its own session; its whole group is SIGKILLed at the end."""
+        log = self.path / f"{name}.log"
+        proc = subprocess.Popen([sys.executable, "-m", "flask", "worker", lane], cwd=ROOT,
+                                env={**self.env, **self.consumer_env, **env},
+                                stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            wait_for(lambda: "Huey consumer started" in log.read_text()
+                     or proc.poll() is not None, what=f"{name} to start")
+            assert proc.poll() is None, log.read_text()
+            yield proc
+        finally:
+            kill_group(proc)
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass
+    proc.wait(30)
