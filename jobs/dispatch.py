@@ -4,6 +4,7 @@ exports and of emails), reconcile, pause and resume a lane, and lane health."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from datetime import timedelta
 
@@ -77,13 +78,26 @@ def mark_enqueued(job_id: int) -> None:
 
 
 def reconcile(grace: float) -> list[int]:
-    """Send every job that waits for a message its lane never got; returns the ids sent.
+    """Send every job whose message its lane does not have (emails too); returns the job ids.
 
-    Two cases: a queued or retrying job whose send failed or never happened (broker down, web
-    or worker process gone between commit and send) once it is `grace` seconds old, and a
-    running job whose lease lapsed (its worker died). A message sent twice is harmless: the
-    claim step in jobs.engine runs a job only once at a time.
+    The database knows what should be waiting; the broker may not. Each case waits until the
+    row is `grace` seconds old, so a send in progress is not taken for a lost one:
+
+    - never sent: a queued or retrying job whose `enqueued_at` is NULL (the broker was down at
+      the send, or the web or worker process died between commit and send);
+    - lost by the broker: a queued or retrying job whose message did reach its lane and is no
+      longer in the lane's queue or schedule (Redis restarted without persistence, failed
+      over, evicted keys under `maxmemory`, FLUSHALL; a deleted SQLite queue file). A job
+      whose message is still in the queue, however long the line, or in the schedule (a retry
+      due later) is left alone, so the reconciler never floods a busy lane;
+    - abandoned: a running job whose lease lapsed (its worker died) goes back to retrying and
+      is sent like the first case.
+
+    Emails get the first two cases too (`reconcile_emails`). A message sent twice anyway is
+    harmless: the claim in jobs.engine runs a job once at a time, mail.deliver sends once.
     """
+    from jobs.tasks import run_export
+
     now = utcnow()
     lapsed = select(ExportJob.id).where(ExportJob.state == JobState.RUNNING,
                                         ExportJob.lease_expires_at < now)
@@ -99,25 +113,78 @@ def reconcile(grace: float) -> list[int]:
         .values(state=JobState.RETRYING, enqueued_at=None, claimed_by=None)
     )
     db.session.commit()
-    waiting = db.session.scalars(
-        select(ExportJob.id).where(
-            ExportJob.state.in_((JobState.QUEUED, JobState.RETRYING)),
-            ExportJob.enqueued_at.is_(None),
-            ExportJob.created_at <= now - timedelta(seconds=grace),
-        ).order_by(ExportJob.id)
-    ).all()
-    db.session.commit()
+    cutoff = now - timedelta(seconds=grace)
+    waiting = ExportJob.state.in_((JobState.QUEUED, JobState.RETRYING))
+    unsent = _ids(select(ExportJob.id).where(waiting, ExportJob.enqueued_at.is_(None),
+                                             ExportJob.created_at <= cutoff))
+    sent = _send_each(unsent, send, "job(s) that never reached their lane")
+    lost = _lost(run_export, select(ExportJob.id).where(waiting, ExportJob.enqueued_at <= cutoff))
+    sent += _send_each(lost, send, "job(s) their lane lost")
+    reconcile_emails(grace)
+    return sent
+
+
+def reconcile_emails(grace: float) -> list[int]:
+    """Send again every email the critical lane does not hold although it waits to be sent:
+    queued or retrying for `grace` seconds, attempts left, and its message in neither the
+    lane's queue nor its schedule (where Huey keeps its retries). That covers a hand-over that
+    failed (the broker was down at commit) and a message the broker lost. Returns their ids."""
+    from jobs.tasks import EMAIL_ATTEMPTS, send_email
+
+    cutoff = utcnow() - timedelta(seconds=grace)
+    lost = _lost(send_email, select(OutboundEmail.id).where(
+        OutboundEmail.state.in_(EmailState.CLAIMABLE), OutboundEmail.attempts < EMAIL_ATTEMPTS,
+        OutboundEmail.created_at <= cutoff))
+    return _send_each(lost, send_email, "email(s) their lane lost or never got")
+
+
+# A message a worker has just taken (not yet claimed, or on its way back to the schedule, as
+# a fair-share deferral is every second) is in no queue: what looks lost is looked for again
+# this much later, so a lane is never sent a second copy of what it is busy with.
+LOOK_AGAIN_SECONDS = 0.5
+
+
+def _ids(query) -> list[int]:
+    ids = list(db.session.scalars(query.order_by(query.selected_columns[0])))
+    db.session.commit()  # end the read, so that a second look sees what workers did since
+    return ids
+
+
+def _lost(task, waiting) -> list[int]:
+    """Ids the query `waiting` finds that `task`'s lane does not hold, looked at twice.
+
+    The lane is read before the database each time: a message a worker takes in between
+    belongs to a row that has stopped waiting (claimed), not to a lost one. An unreachable
+    lane loses nothing more: the next run looks again.
+    """
+    try:
+        held = task.huey.held(task.name)
+        lost = [i for i in _ids(waiting) if i not in held]
+        if lost:
+            time.sleep(LOOK_AGAIN_SECONDS)
+            held, first = task.huey.held(task.name), set(lost)
+            lost = [i for i in _ids(waiting) if i in first and i not in held]
+    except Exception as exc:
+        db.session.rollback()
+        log.warning("reconciler: cannot read lane %s (%s: %s); looking again next time",
+                    task.huey.name, type(exc).__name__, exc)
+        return []
+    return lost
+
+
+def _send_each(ids: list[int], send_one: Callable[[int], object], what: str) -> list[int]:
+    """Send each id in turn; stop at the first failure (the lane is down: the rest wait too)."""
     sent: list[int] = []
-    for job_id in waiting:
+    for item in ids:
         try:
-            send(job_id)
+            send_one(item)
         except Exception as exc:
-            log.warning("reconciler: lane still unreachable (%s: %s); %d job(s) wait",
-                        type(exc).__name__, exc, len(waiting) - len(sent))
+            log.warning("reconciler: lane still unreachable (%s: %s); next run sends %s: %s",
+                        type(exc).__name__, exc, what, ids[len(sent):])
             break
-        sent.append(job_id)
+        sent.append(item)
     if sent:
-        log.info("reconciler sent %d job(s) that never reached their lane: %s", len(sent), sent)
+        log.info("reconciler sent %d %s: %s", len(sent), what, sent)
     return sent
 
 
@@ -151,22 +218,24 @@ def cancel(job: ExportJob) -> None:
     because it only claims queued or retrying jobs (Huey cannot revoke a message by job id).
     A running job stops cooperatively at its next checkpoint, removing its part file.
     """
-    if not _move(job, CANCELLABLE, state=JobState.CANCELLED, finished_at=utcnow()):
+    job_id, waiting = job.id, job.state != JobState.RUNNING
+    if not _move(job, CANCELLABLE, state=JobState.CANCELLED, finished_at=utcnow(),
+                 checkpoint=None):
         raise WrongState(f"Export #{job.id} is {job.state}: only queued or running exports "
                          "can be cancelled.")
+    if waiting:  # no worker holds it: its part (kept for a retry) goes now
+        on_commit(db.session(), lambda: _discard_parts(job_id))
     log.info("job %s cancelled", job.id)
 
 
 def retry(job: ExportJob, from_scratch: bool = False) -> None:
     """Put a failed or cancelled job back on its lane (after the caller commits).
 
-    It resumes from its checkpoint when the part file is still there, else starts over;
-    `from_scratch` starts over anyway (the part file is removed).
+    It resumes from its checkpoint when a part verified against it is still there (the engine
+    checks, and starts over otherwise); `from_scratch` starts over anyway.
     A cancelled job whose worker has not yet reached a checkpoint is still writing: refuse
-    until it has stopped, so two workers never write the same part file.
+    until it has stopped.
     """
-    from jobs.engine import Checkpoint, storage
-
     if job.state not in RETRYABLE:
         raise WrongState(f"Export #{job.id} is {job.state}: only failed or cancelled exports "
                          "can be retried.")
@@ -175,16 +244,29 @@ def retry(job: ExportJob, from_scratch: bool = False) -> None:
     # started_at marks the restart: the engine counts attempts from here (a fresh allowance).
     values: dict = dict(state=JobState.QUEUED, error=None, started_at=utcnow(), finished_at=None,
                         claimed_by=None, lease_expires_at=None, enqueued_at=None)
-    part = storage().part_size(job.id, job.format)
-    if from_scratch or part is None or part < Checkpoint.from_json(job.checkpoint).bytes:
+    part = (job.checkpoint or {}).get("part")
+    if from_scratch or part not in _parts(job.id):  # nothing to resume from: start over
         values.update(checkpoint=None, rows_done=0, bytes=0)
     if not _move(job, RETRYABLE, **values):
         raise WrongState(f"Export #{job.id} is {job.state}: only failed or cancelled exports "
                          "can be retried.")
-    if from_scratch:  # no worker holds it (checked above), so the part file is ours to remove
-        storage().discard_part(job.id, job.format)
+    if from_scratch:  # no worker holds it (checked above): any part left is ours to remove
+        job_id = job.id
+        on_commit(db.session(), lambda: _discard_parts(job_id))
     submit(job)
     log.info("job %s retried from row %s", job.id, job.rows_done)
+
+
+def _parts(job_id: int) -> list[str]:
+    from jobs.engine import storage
+
+    return storage().parts(job_id)
+
+
+def _discard_parts(job_id: int) -> None:
+    from jobs.engine import storage
+
+    storage().discard_parts(job_id)
 
 
 def cancel_email(email: OutboundEmail) -> None:

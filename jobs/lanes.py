@@ -123,6 +123,7 @@ class Lane(Huey):
         self.broker_url = ""
         self.queue_dir: Path | None = None
         self.interval_tasks: list[tuple[TaskWrapper, float]] = []
+        self.check_hooks: list[Callable[[], None]] = []
         super().__init__(name, results=False, utc=True)
         self.signal()(self._record)
 
@@ -136,6 +137,12 @@ class Lane(Huey):
             return task
 
         return decorator
+
+    def on_check(self, hook: Callable[[], None]) -> Callable[[], None]:
+        """Run `hook` in this lane's consumer process when it starts and whenever it checks
+        its workers (every HEARTBEAT_SECONDS): e.g. to resume the jobs of a worker that died."""
+        self.check_hooks.append(hook)
+        return hook
 
     def get_storage(self, **kwargs) -> BaseStorage:
         if self.broker_url.startswith(("redis://", "rediss://", "unix://")):
@@ -213,6 +220,40 @@ class Lane(Huey):
         if self.paused:
             return None
         return super().dequeue()
+
+    def held(self, task_name: str) -> set[int]:
+        """The first argument (a job or email id) of every message for the task `task_name`
+        ("send_email" or its full name "jobs.tasks.send_email") that this lane holds: in its
+        queue, or in its schedule (delayed messages and Huey's retries wait there).
+
+        Queue and schedule are read at one instant (one SQL statement; one MULTI on Redis), so
+        a message the scheduler moves from one to the other meanwhile is seen. A message a
+        worker has taken and not finished with is in neither: callers allow for that.
+        """
+        storage = self.storage
+        if isinstance(storage, SqliteStorage):
+            rows = storage.sql("select data from schedule where queue = ? union all "
+                               "select data from task where queue = ?", (self.name, self.name),
+                               results=True)
+            raw = [data for (data,) in rows]
+        elif isinstance(storage, RedisStorage):
+            pipe = storage.conn.pipeline(transaction=True)
+            pipe.zrange(storage.schedule_key, 0, -1)
+            pipe.lrange(storage.queue_key, 0, -1)
+            scheduled, queued = pipe.execute()
+            raw = [*scheduled, *queued]
+        else:  # the memory storage of immediate mode
+            raw = [*storage.scheduled_items(), *storage.enqueued_items()]
+        ids: set[int] = set()
+        for data in raw:
+            try:
+                message = self.serializer.deserialize(data)
+            except Exception:  # unreadable: no worker could run it either
+                log.warning("lane %s holds a message it cannot read", self.name)
+                continue
+            if message.args and task_name in (message.name, message.name.rpartition(".")[2]):
+                ids.add(message.args[0])
+        return ids
 
     def minutes(self, count: int = 60) -> list[tuple[int, int, int]]:
         """(minute, completed, failed) for the last `count` minutes, oldest first.
@@ -321,11 +362,20 @@ class LaneConsumer(Consumer):
     def start(self) -> None:
         self.lane.heartbeat(self.workers)  # before any worker runs a task (Huey then closes
         super().start()  # the storage connection, so the forked workers open their own)
+        self._run_check_hooks()
 
     def check_worker_health(self) -> bool:
         healthy = super().check_worker_health()
         self.lane.heartbeat(self.workers)
+        self._run_check_hooks()
         return healthy
+
+    def _run_check_hooks(self) -> None:
+        for hook in self.lane.check_hooks:
+            try:
+                hook()
+            except Exception:  # a database that does not answer must not stop the consumer
+                log.exception("lane %s: check hook %s failed", self.lane.name, hook.__name__)
 
     def stop(self, graceful: bool = False) -> None:
         super().stop(graceful)

@@ -6,7 +6,6 @@ import logging
 import smtplib
 import ssl
 from dataclasses import dataclass
-from datetime import timedelta
 from email.message import EmailMessage
 from email.utils import formatdate
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from flask import current_app
-from sqlalchemy import select, update
+from sqlalchemy import update
 
 from webapp.models import EmailState, OutboundEmail, db, utcnow
 
@@ -168,12 +167,3 @@ def deliver(email_id: int, max_attempts: int) -> None:
     db.session.commit()
     log.info("email %s sent as %s", email_id, email.message_id)
 
-
-def stalled(older_than: timedelta) -> list[int]:
-    """Emails still queued long after they were recorded: their hand-over to the lane was lost."""
-    cutoff = utcnow() - older_than
-    return list(db.session.scalars(
-        select(OutboundEmail.id)
-        .where(OutboundEmail.state == EmailState.QUEUED, OutboundEmail.created_at < cutoff)
-        .order_by(OutboundEmail.id).limit(500)
-    ))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-from datetime import timedelta
 
 from flask import Flask, current_app, has_app_context
 from huey import crontab
@@ -65,13 +64,22 @@ def run_export(job_id: int) -> None:
                 dispatch.mark_enqueued(job_id)
 
 
+@lanes.exports.on_check
+def resume_jobs_of_dead_workers() -> None:
+    """In the exports consumer, at start and every few seconds: a job whose worker process on
+    this host is gone goes back on the lane at once, instead of after its lease."""
+    with _task_app().app_context():
+        engine.release_dead_claims()
+
+
 RECONCILE_LANE = lanes.LANES[os.environ.get("RECONCILE_LANE", "critical")]
 RECONCILE_INTERVAL = float(os.environ.get("RECONCILE_INTERVAL", 30))
 
 
 @RECONCILE_LANE.every(RECONCILE_INTERVAL, name="reconcile")
 def reconcile() -> None:
-    """Send the jobs whose message never reached their lane (see jobs.dispatch.reconcile)."""
+    """Send the jobs and emails whose message never reached its lane or that the broker lost,
+    and put back jobs whose worker died (see jobs.dispatch.reconcile)."""
     with _task_app().app_context() as ctx:
         dispatch.reconcile(ctx.app.config["RECONCILE_GRACE"])
 
@@ -91,10 +99,8 @@ def send_email(email_id: int) -> None:
 @lanes.critical.periodic_task(crontab(minute="*/10"), name="housekeeping",
                               timeout=lanes.critical.settings.timeout)
 def housekeeping() -> None:
-    """Every 10 minutes: retention, and emails whose hand-over to this lane was lost.
+    """Every 10 minutes: retention (emails whose message was lost are the reconciler's).
     On the critical lane because the disk fills fastest exactly when exports are busy."""
     with _task_app().app_context():
         retention.sweep()
-        for email_id in mail.stalled(older_than=timedelta(minutes=5)):
-            send_email(email_id)
 

@@ -6,16 +6,20 @@ import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+import redis
 from sqlalchemy import create_engine, make_url, text
 
 ROOT = Path(__file__).resolve().parent.parent
+TESTS = ROOT / "tests"
 SEED_ROWS = 20_000
 # Set it to run the whole suite on PostgreSQL, e.g.
 # TEST_DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/postgres: every session (and
@@ -253,3 +257,96 @@ def sending(app, smtp, monkeypatch):
     smtp.mailbox.clear()
     yield smtp.mailbox
     lanes.critical.immediate = False
+
+
+# Real consumers and a private Redis
+
+
+@contextmanager
+def consumer(lane: str, broker_url: str, instance: Path, log: Path, **env: str):
+    """`flask worker LANE` as a real process; SIGINT and a kill of its group at the end.
+
+    Its reconciler runs once at start (RECONCILE_INTERVAL=3600) and it knows the probe tasks
+    of tests/lane_probe.py; `env` overrides anything, e.g. DATABASE_URL for a private one."""
+    full_env = {**os.environ, "INSTANCE_PATH": str(instance), "FLASK_APP": "webapp",
+                "RECONCILE_INTERVAL": "3600",
+                "BROKER_URL": broker_url, "TASK_MODULES": "lane_probe",
+                "PYTHONPATH": str(TESTS), "PYTHONUNBUFFERED": "1", **env}
+    proc = subprocess.Popen([sys.executable, "-m", "flask", "worker", lane], cwd=ROOT,
+                            env=full_env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    try:
+        wait_for(lambda: "Huey consumer started" in log.read_text() or proc.poll() is not None,
+                 what="consumer start")
+        assert proc.poll() is None, log.read_text()
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+class RedisServer:
+    """A private redis-server on a free port that a test can stop and start again."""
+
+    def __init__(self, port: int):
+        self.port = port
+        self.url = f"redis://127.0.0.1:{port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--daemonize", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(30)
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    if shutil.which("redis-server") is None:
+        require("redis-server", "the Redis broker tests start a private redis-server")
+    server = RedisServer(free_port())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def broker(request, app):
+    """The lanes on the SQLite broker (the default) or on a private Redis, emptied; restored
+    after."""
+    from jobs import lanes
+
+    url = ""
+    if request.param == "redis":
+        server = request.getfixturevalue("redis_server")
+        if server.proc.poll() is not None:
+            server.start()
+        url = server.url
+    lanes.configure(url, Path(app.instance_path))
+    for lane in lanes.LANES.values():
+        lane.flush()
+    yield request.param
+    lanes.configure(app.config["BROKER_URL"], Path(app.instance_path))

@@ -7,7 +7,6 @@ import csv
 import io
 import itertools
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -44,60 +43,6 @@ def fresh_params() -> dict[str, str]:
     """Parameters no other job has used, so duplicate detection never merges two tests' jobs."""
     start = date(2026, 1, 1) + timedelta(days=next(_day) % 300)
     return {"date_from": start.isoformat(), "date_to": f"2026-12-{next(_day) % 28 + 1:02d}"}
-
-
-class RedisServer:
-    """A private redis-server on a free port that a test can stop and start again."""
-
-    def __init__(self, port: int):
-        self.port = port
-        self.url = f"redis://127.0.0.1:{port}/0"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(30)
-
-
-@pytest.fixture(scope="session")
-def redis_server():
-    if shutil.which("redis-server") is None:
-        require("redis-server", "the Redis broker tests start a private redis-server")
-    server = RedisServer(free_port())
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(params=["sqlite", "redis"])
-def broker(request, app):
-    """The lanes on the SQLite broker (the default) or on a private Redis; restored after."""
-    url = ""
-    if request.param == "redis":
-        server = request.getfixturevalue("redis_server")
-        if server.proc.poll() is not None:
-            server.start()
-        url = server.url
-    lanes.configure(url, Path(app.instance_path))
-    for lane in lanes.LANES.values():
-        lane.flush()
-    yield request.param
-    lanes.configure(app.config["BROKER_URL"], Path(app.instance_path))
 
 
 @pytest.fixture
@@ -335,7 +280,7 @@ def test_same_message_delivered_twice_at_once_runs_the_work_once(app, instance, 
     assert job.state == "succeeded", job.error
     assert len(job.attempts) == 1, "the work was done once"
     files = sorted(p.name for p in (instance / "exports").glob(f"job-{job_id}.*"))
-    assert files == [f"job-{job_id}.csv"]
+    assert files == [job.file_name]
     data = (instance / "exports" / files[0]).read_bytes().decode("utf-8")
     rows = list(csv.reader(io.StringIO(data, newline="")))
     want = expected_rows(database_url, dataset, "acme", "and created_at >= ? and created_at < ?",

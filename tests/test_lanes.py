@@ -8,15 +8,12 @@ import io
 import multiprocessing
 import os
 import signal
-import subprocess
-import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import lane_probe
 import pytest
-from conftest import ROOT, require, wait_for
+from conftest import consumer, require, wait_for
 from expected import expected_rows
 from huey.exceptions import HueyException
 from sqlalchemy import update
@@ -28,7 +25,6 @@ from webapp.models import ExportJob, JobState, db
 
 pytestmark = pytest.mark.integration
 REDIS_URL = os.environ.get("REDIS_TEST_URL", "redis://127.0.0.1:6379/3")
-TESTS = Path(__file__).resolve().parent
 
 
 
@@ -61,35 +57,6 @@ def broker(request, app, instance):
         lane.storage.flush_results()
     yield url
     lanes.configure(app.config["BROKER_URL"], Path(app.instance_path))
-
-
-@contextmanager
-def consumer(lane: str, broker_url: str, instance: Path, log: Path, **env: str):
-    """`flask worker LANE` as a real process; SIGINT and a kill of its group at the end."""
-    full_env = {**os.environ, "INSTANCE_PATH": str(instance), "FLASK_APP": "webapp",
-                "RECONCILE_INTERVAL": "3600",
-                "BROKER_URL": broker_url, "TASK_MODULES": "lane_probe",
-                "PYTHONPATH": str(TESTS), "PYTHONUNBUFFERED": "1", **env}
-    proc = subprocess.Popen([sys.executable, "-m", "flask", "worker", lane], cwd=ROOT,
-                            env=full_env, stdout=log.open("ab"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        wait_for(lambda: "Huey consumer started" in log.read_text() or proc.poll() is not None,
-                 what="consumer start")
-        assert proc.poll() is None, log.read_text()
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
 
 
 def marks(path: Path) -> list[list[str]]:

@@ -287,8 +287,8 @@ def test_tls_and_authentication(app, tmp_path, monkeypatch, scheme):
         server.stop()
 
 
-def test_housekeeping_resends_emails_whose_hand_over_was_lost(app, sending, tmp_path,
-                                                               monkeypatch):
+def test_reconciler_resends_emails_whose_hand_over_was_lost(app, sending, tmp_path,
+                                                              monkeypatch):
     from jobs import tasks
 
     monkeypatch.setitem(app.config, "EXPORT_DIR", str(tmp_path))
@@ -302,7 +302,7 @@ def test_housekeeping_resends_emails_whose_hand_over_was_lost(app, sending, tmp_
         db.session.commit()  # no after-commit hand-over: as if the broker had been down
         lost_id = lost.id
     with app.app_context():  # the task runs with the test's settings
-        tasks.housekeeping.call_local()
+        tasks.reconcile.call_local()
     assert sending.wait_for(lambda m: m["Subject"] == "Lost in hand-over")
     with app.app_context():
         assert db.session.get(OutboundEmail, lost_id).state == EmailState.SENT
