@@ -536,9 +536,12 @@ def _export(job: ExportJob, attempt: JobAttempt, claim: str, files: LocalStorage
             attempt.note = f"Started over from the first row: {problem}."
             log.warning("job %s: %s", job.id, attempt.note)
             start = Checkpoint()
-        if start.complete:  # every row is in the copied prefix: record it as this claim's
-            position = replace(start)
-            _checkpoint(out, position, on_checkpoint, complete=True)
+        elif keep:  # the copy is this claim's now: say so before the old part goes
+            start = replace(start)
+            _checkpoint(out, start, on_checkpoint, complete=start.complete)
+        files.discard_parts(job.id, keep=out.name)
+        if start.complete:  # every row is in the copied prefix
+            position = start
         else:
             with db.engine.connect() as conn:
                 if job.rows_total is None:

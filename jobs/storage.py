@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -100,8 +101,8 @@ class LocalStorage:
 
         The prefix is copied from its part and hashed on the way; when that part is missing,
         shorter than the prefix or its bytes differ, the new part starts empty and the second
-        value says why (for the attempt's record). Parts of the job's other claims are removed
-        afterwards: their owners lost their claims.
+        value says why (for the attempt's record). The caller removes the job's other parts
+        (`discard_parts`) once its checkpoint names the new one.
         """
         self.root.mkdir(parents=True, exist_ok=True)
         name = self.part_name(job_id, attempt, fmt)
@@ -115,7 +116,6 @@ class LocalStorage:
                 fh.seek(0)
                 fh.truncate(0)
                 hasher = hashlib.sha256()
-        self.discard_parts(job_id, keep=name)
         return Part(fh, name, hasher, size), note
 
     def _copy_prefix(self, keep: Prefix, out: BinaryIO, hasher) -> str | None:
@@ -202,6 +202,12 @@ class LocalStorage:
             if path.is_file():
                 found.append((path.name, stat.st_size, stat.st_mtime))
         return found
+
+    def free_bytes(self) -> tuple[int, int]:
+        """(free, total) bytes of the disk the folder is on."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        usage = shutil.disk_usage(self.root)
+        return usage.free, usage.total
 
     def used_bytes(self) -> int:
         return sum(size for _name, size, _mtime in self.entries())

@@ -30,6 +30,7 @@ class Instance:
     def __init__(self, path: Path, rows: int, consumer_env: dict[str, str],
                  user: str = "bob@globex.test"):
         self.path, self.user, self.consumer_env = path, user, consumer_env
+        self.exports = Path(consumer_env.get("EXPORT_DIR") or path / "exports")
         self.env = {**os.environ, "INSTANCE_PATH": str(path), "FLASK_APP": "webapp",
                     "PYTHONUNBUFFERED": "1", "BROKER_URL": "", "DATABASE_URL": database_for(path)}
         self.db = create_engine(self.env["DATABASE_URL"], poolclass=NullPool)
@@ -41,13 +42,13 @@ class Instance:
         if TEST_DATABASE_URL:
             drop_database(TEST_DATABASE_URL, self.env["DATABASE_URL"])
 
-    def new_job(self, fmt: str) -> int:
+    def new_job(self, fmt: str, dataset: str = "transactions", params: dict | None = None) -> int:
         """A queued job nobody has sent yet: the reconciler in the critical consumer sends it."""
         with self.db.begin() as conn:
             user_id, org_id = conn.execute(
                 select(User.id, User.org_id).where(User.email == self.user)).one()
             return conn.execute(insert(ExportJob.__table__).values(
-                user_id=user_id, org_id=org_id, dataset="transactions", params={},
+                user_id=user_id, org_id=org_id, dataset=dataset, params=params or {},
                 format=fmt)).inserted_primary_key[0]
 
     def job(self, job_id: int):
@@ -71,7 +72,7 @@ class Instance:
 
     def file(self, job_id: int) -> bytes:
         """The bytes a download of the job serves."""
-        return (self.path / "exports" / self.job(job_id).file_name).read_bytes()
+        return (self.exports / self.job(job_id).file_name).read_bytes()
 
     def inline_export(self, fmt: str) -> Path:
         """The same export run inline by `flask export` (once per format)."""

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import csv
+import html
 import io
 
 import pytest
-from conftest import run_inline
+from conftest import login, run_inline
 from expected import expected_rows
 from sqlalchemy import create_engine, text
 
@@ -96,3 +97,70 @@ def test_pages_cover_every_row_once_also_rows_added_while_reading(app, database_
                 other.execute(text("delete from orders where id = :id"), {"id": added})
     got = parse(fastcsv.header(dataset) + b"".join(bytes(d) for d in data))
     assert got == want and got[-1][0] == str(added)
+
+
+def _kept_part_after_a_failed_attempt(app, monkeypatch) -> int:
+    """A job whose first attempt failed after three pages, retrying with its part kept."""
+    from test_cancel_retry import make_job
+
+    from jobs import engine
+
+    real_batches = fastcsv.batches
+
+    def flaky(*args, **kwargs):
+        for n, batch in enumerate(real_batches(*args, **kwargs)):
+            if n == 3:
+                raise RuntimeError("database went away")
+            yield batch
+
+    monkeypatch.setattr(fastcsv, "batches", flaky)
+    job_id = make_job(app)
+    with app.app_context(), pytest.raises(engine.AttemptFailed):
+        engine.run(job_id, max_attempts=3)
+    monkeypatch.setattr(fastcsv, "batches", real_batches)
+    return job_id
+
+
+@pytest.mark.parametrize("damage", ["missing", "shorter", "changed", "published-zeroed"])
+def test_a_resume_never_trusts_a_damaged_file_it_starts_over_and_says_why(
+        app, instance, monkeypatch, damage):
+    """The class of the 46 MB of NUL bytes: a part (or a published file) that is missing,
+    shorter than its checkpoint or not the bytes it recorded is never extended or served."""
+    from jobs import engine
+    from webapp.models import ExportJob, db
+
+    clean = (instance / "exports" / run_inline(app, "alice@acme.test").file_name).read_bytes()
+    job_id = _kept_part_after_a_failed_attempt(app, monkeypatch)
+    with app.app_context():
+        job = db.session.get(ExportJob, job_id)
+        checkpoint = job.checkpoint
+        path = instance / "exports" / checkpoint["part"]
+        if damage == "published-zeroed":  # killed between publish and commit, file damaged
+            engine.run(job_id, max_attempts=3)
+            db.session.refresh(job)
+            path = instance / "exports" / job.file_name
+            job.state, job.file_name, job.sha256 = "retrying", None, None
+            job.checkpoint = {**job.checkpoint}
+            checkpoint = job.checkpoint
+            db.session.commit()
+            path.write_bytes(b"\0" * path.stat().st_size)
+        elif damage == "missing":
+            path.unlink()
+        elif damage == "shorter":
+            with path.open("r+b") as part:
+                part.truncate(checkpoint["bytes"] - 1)
+        else:
+            data = bytearray(path.read_bytes())
+            data[10] ^= 1
+            path.write_bytes(bytes(data))
+        engine.run(job_id, max_attempts=5)
+        db.session.refresh(job)
+        assert job.state == "succeeded", job.error
+        served = (instance / "exports" / job.file_name).read_bytes()
+        assert served == clean
+        assert job.file_name != checkpoint["part"].removesuffix(".part")
+        note = job.attempts[-1].note
+        assert note.startswith("Started over from the first row: "), note
+        assert not list((instance / "exports").glob(f"job-{job_id}.*.part"))
+    admin = login(app.test_client(), "admin@exportdesk.test")
+    assert note in html.unescape(admin.get(f"/admin/jobs/{job_id}").get_data(as_text=True))
