@@ -1,9 +1,9 @@
-"""Retention: old export files are deleted (their jobs become `expired`), orphans are swept."""
+"""Retention: old export files are deleted (their jobs become `expired`), orphans are swept,
+published files are checked against their jobs."""
 
 from __future__ import annotations
 
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -12,10 +12,10 @@ from flask import current_app
 from sqlalchemy import select
 
 from jobs.engine import storage
+from jobs.storage import OUR_FILE
 from webapp.models import ExportJob, JobState, db, utcnow
 
 log = logging.getLogger(__name__)
-OUR_FILE = re.compile(r"job-(\d+)\.\w+(\.part)?")
 ORPHAN_GRACE = 3600.0  # seconds: a file this fresh may belong to a transaction still in flight
 BATCH = 500  # jobs per sweep, so one run stays far inside the critical lane's hard timeout
 
@@ -24,28 +24,72 @@ BATCH = 500  # jobs per sweep, so one run stays far inside the critical lane's h
 class SweepReport:
     expired_jobs: list[int] = field(default_factory=list)
     removed_files: list[str] = field(default_factory=list)
+    damaged: list[int] = field(default_factory=list)  # succeeded jobs whose file is not as recorded
 
 
-def bytes_used() -> int:
-    """Bytes the export folder holds now (finished files and parts): for the admin lanes page."""
-    return storage().used_bytes()
+@dataclass(frozen=True)
+class DiskUse:
+    """The export folder's share of its disk, for the lanes page and /metrics."""
+
+    used: int  # bytes in finished files and parts
+    parts: int  # of which parts (running exports, and those kept for a retry)
+    free: int  # bytes still free on the disk
+    total: int
+    low: bool  # free below DISK_FREE_WARNING: the next large export may not fit
 
 
-def _keeps(job: ExportJob | None, name: str, cutoff: datetime) -> bool:
-    """A file is needed while its job runs (parts, or the file just published), until
-    retention expires a succeeded job's own file, and, for a retry by hand to resume, a
-    failed job's part file for as long as retention keeps files."""
+def disk() -> DiskUse:
+    files = storage()
+    free, total = files.free_bytes()
+    return DiskUse(used=files.used_bytes(), parts=files.parts_bytes(), free=free, total=total,
+                   low=free < current_app.config["DISK_FREE_WARNING"])
+
+
+def verify(job: ExportJob, digest: bool = True) -> str | None:
+    """What is wrong with a succeeded job's published file, as one line ("job 12: job-12.csv:
+    missing"), or None when it is as recorded: present, `job.bytes` long and, with `digest`,
+    of the recorded SHA-256 (every byte read, 1 MiB at a time). A job with no digest recorded
+    (older rows) is checked for presence and size only."""
+    files = storage()
+    where = f"job {job.id}: {job.file_name}"
+    if not job.file_name:
+        return f"job {job.id}: no file recorded"
+    try:
+        size = files.size(job.file_name)
+    except FileNotFoundError:
+        return f"{where}: missing"
+    if size != job.bytes:
+        return f"{where}: size differs (expected {job.bytes} bytes, found {size})"
+    if not digest or job.sha256 is None:
+        return None
+    try:
+        found = files.sha256(job.file_name)
+    except FileNotFoundError:
+        return f"{where}: missing"
+    if found != job.sha256.lower():
+        return f"{where}: digest differs (expected {job.sha256}, found {found})"
+    return None
+
+
+def _keeps(job: ExportJob | None, name: str) -> bool:
+    """A file is needed while its job is queued, runs or waits for a retry (parts, or the
+    file just published), and a succeeded job's own file until retention expires it. A failed
+    or cancelled job keeps nothing: its parts would only fill the disk."""
     if job is None:
         return False
     if job.state in JobState.ACTIVE:
         return True
-    if job.state == JobState.FAILED and name.endswith(".part"):
-        return job.finished_at is not None and job.finished_at >= cutoff
     return job.state == JobState.SUCCEEDED and job.file_name == name
 
 
 def sweep(now: datetime | None = None) -> SweepReport:
-    """Expire succeeded jobs older than EXPORT_RETENTION and delete files no job needs."""
+    """Expire succeeded jobs older than EXPORT_RETENTION, check that every other succeeded
+    job's file is there with its recorded size, and delete files no job needs.
+
+    The check is cheap (the folder is listed once, for the orphans too; only a file that looks
+    wrong is looked at again) so it fits the critical lane's hard timeout; reading every byte
+    against the recorded SHA-256 is `flask verify-files`' job.
+    """
     now = now or utcnow()
     cutoff = now - current_app.config["EXPORT_RETENTION"]
     files = storage()
@@ -64,12 +108,31 @@ def sweep(now: datetime | None = None) -> SweepReport:
         db.session.commit()  # file first, then the row: a crash in between is redone next time
         report.expired_jobs.append(job.id)
 
+    # Jobs before the listing: a job that succeeded had its file renamed into place first.
+    published = db.session.execute(
+        select(ExportJob.id, ExportJob.file_name, ExportJob.bytes)
+        .where(ExportJob.state == JobState.SUCCEEDED, ExportJob.file_name.is_not(None))
+    ).all()
+    listing = files.entries()
+    sizes = {name: size for name, size, _modified in listing}
+    for job_id, name, recorded in published:
+        if sizes.get(name) == recorded:
+            continue
+        db.session.rollback()  # look again, now: it may have expired or changed meanwhile
+        job = db.session.get(ExportJob, job_id)
+        if job is None or job.state != JobState.SUCCEEDED or job.file_name != name:
+            continue
+        problem = verify(job, digest=False)
+        if problem:
+            log.warning("retention: %s", problem)
+            report.damaged.append(job_id)
+
     settled = time.time() - ORPHAN_GRACE
-    for name, _size, modified in files.entries():
+    for name, _size, modified in listing:
         match = OUR_FILE.fullmatch(name)
         if match is None or modified > settled:
             continue  # not ours, or too fresh to judge
-        if not _keeps(db.session.get(ExportJob, int(match.group(1))), name, cutoff):
+        if not _keeps(db.session.get(ExportJob, int(match.group(1))), name):
             files.delete(name)
             report.removed_files.append(name)
     db.session.rollback()

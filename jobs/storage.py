@@ -152,18 +152,20 @@ class LocalStorage:
             os.close(fd)
         return final
 
+    def sha256(self, name: str) -> str:
+        """The SHA-256 (hex) of the file `name`, read 1 MiB at a time."""
+        hasher = hashlib.sha256()
+        with self.open(name) as fh:
+            while chunk := fh.read(CHUNK):
+                hasher.update(chunk)
+        return hasher.hexdigest()
+
     def verify(self, name: str, size: int, sha256: str) -> bool:
         """True when the file `name` holds exactly `size` bytes whose SHA-256 is `sha256`."""
         try:
-            if self.size(name) != size:
-                return False
-            hasher = hashlib.sha256()
-            with self.open(name) as fh:
-                while chunk := fh.read(CHUNK):
-                    hasher.update(chunk)
+            return self.size(name) == size and self.sha256(name) == sha256
         except FileNotFoundError:
             return False
-        return hasher.hexdigest() == sha256
 
     def parts(self, job_id: int) -> list[str]:
         """The names of a job's part files (of any claim)."""

@@ -177,7 +177,7 @@ def test_api_create_with_bearer_token_returns_202_job(app, client, token):
     assert response.status_code == 202, response.json
     job = response.json
     assert set(job) == {"id", "state", "lane", "dataset", "format", "params", "rows_done",
-                        "rows_total", "progress", "bytes", "created_at", "started_at",
+                        "rows_total", "progress", "bytes", "sha256", "created_at", "started_at",
                         "finished_at", "error", "download_url"}
     assert job["state"] == "queued" and job["lane"] == "exports"
     assert job["params"] == {"status": "open"} and job["download_url"] is None

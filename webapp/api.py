@@ -34,6 +34,7 @@ def job_json(job: ExportJob) -> dict:
         "rows_total": job.rows_total,
         "progress": round(job.progress, 4),
         "bytes": job.bytes,
+        "sha256": job.sha256,
         "created_at": _time(job.created_at),
         "started_at": _time(job.started_at),
         "finished_at": _time(job.finished_at),

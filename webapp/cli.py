@@ -1,4 +1,5 @@
-"""Flask CLI: seed, worker, export, token create, and `dev` (web plus one consumer per lane)."""
+"""Flask CLI: seed, worker, export, token create, verify-files, and `dev` (web plus one consumer
+per lane)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,8 @@ from webapp.models import db
 
 
 def init_app(app: Flask) -> None:
-    for command in (seed_command, worker_command, export_command, token_group, dev_command):
+    for command in (seed_command, worker_command, export_command, token_group, verify_command,
+                    dev_command):
         app.cli.add_command(command)
 
 
@@ -72,6 +74,7 @@ def export_command(dataset_name: str, email: str, params: tuple[str, ...], fmt: 
                    output: str) -> None:
     """Run an export inline with the same engine, scoped to the user's organisation."""
     from jobs.engine import Checkpoint, stream
+    from jobs.storage import Part
     from webapp.auth import find_user
 
     user = find_user(email)
@@ -88,7 +91,7 @@ def export_command(dataset_name: str, email: str, params: tuple[str, ...], fmt: 
     with db.engine.connect() as conn:
         total = conn.execute(dataset.count(user.org_id, cleaned)).scalar_one()
         with click.progressbar(length=total, label=f"{dataset_name} → {output}",
-                               file=sys.stderr) as bar, open(output, "wb") as out:
+                               file=sys.stderr) as bar, Part.create(output) as out:
             done = [0]
 
             def advance(cp: Checkpoint) -> None:
@@ -98,7 +101,8 @@ def export_command(dataset_name: str, email: str, params: tuple[str, ...], fmt: 
             result = stream(conn, dataset, user.org_id, cleaned, out, Checkpoint(), advance,
                             current_app.config["EXPORT_BATCH_ROWS"], 0.2, fmt,
                             current_app.config["CSV_BOM"])
-    click.echo(f"{result.rows} rows, {result.bytes} bytes written to {output}")
+    click.echo(f"{result.rows} rows, {result.bytes} bytes written to {output} "
+               f"(SHA-256 {result.sha256})")
 
 
 @click.group("token")
@@ -116,6 +120,58 @@ def token_create(email: str) -> None:
     if user is None:
         raise click.UsageError(f"no user {email!r}")
     click.echo(create_token(user))
+
+
+@click.command("verify-files")
+@click.argument("job_ids", metavar="[JOB_ID]...", nargs=-1, type=int)
+def verify_command(job_ids: tuple[int, ...]) -> None:
+    """Check every succeeded export's file (or only these jobs'): present, of the recorded size
+    and SHA-256. Prints one line per problem and a summary; exits 1 when a file is damaged."""
+    from sqlalchemy import select
+
+    from jobs.retention import verify
+    from webapp.models import ExportJob, JobState
+
+    checked = problems = undigested = 0
+    last, seen = 0, set()
+    while True:  # pages of jobs, each read in a short transaction: hashing takes its time
+        where = [ExportJob.id > last]
+        if job_ids:
+            where.append(ExportJob.id.in_(job_ids))
+        else:
+            where += [ExportJob.state == JobState.SUCCEEDED, ExportJob.file_name.is_not(None)]
+        jobs = db.session.scalars(select(ExportJob).where(*where).order_by(ExportJob.id)
+                                  .limit(200)).all()
+        db.session.close()  # detached, with what was read
+        if not jobs:
+            break
+        last = jobs[-1].id
+        seen.update(job.id for job in jobs)
+        for job in jobs:
+            if job.state != JobState.SUCCEEDED or not job.file_name:
+                click.echo(f"job {job.id}: no file to check ({job.state})")
+                problems += 1
+                continue
+            problem = verify(job)
+            if problem:
+                now = db.session.get(ExportJob, job.id)  # expired or changed meanwhile?
+                current = (now.state, now.file_name) if now else None
+                db.session.close()
+                if current != (JobState.SUCCEEDED, job.file_name):
+                    continue
+                click.echo(problem)
+                problems += 1
+            elif job.sha256 is None:
+                click.echo(f"job {job.id}: {job.file_name}: no digest recorded (size checked)")
+                undigested += 1
+            checked += 1
+    for unknown in sorted(set(job_ids) - seen):
+        click.echo(f"job {unknown}: no such job")
+        problems += 1
+    summary = f"checked {checked} files, {problems} problems"
+    click.echo(summary + (f", {undigested} without a digest" if undigested else ""))
+    if problems:
+        raise SystemExit(1)
 
 
 @click.command("dev")

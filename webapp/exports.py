@@ -16,7 +16,6 @@ from flask import (
     redirect,
     render_template,
     request,
-    send_file,
     url_for,
 )
 from flask_login import current_user, login_required
@@ -24,7 +23,8 @@ from sqlalchemy import func, select
 
 from jobs import dispatch
 from jobs.datasets import DATASETS, FORMATS, InvalidParams
-from jobs.engine import MIME_TYPES, storage
+from jobs.engine import storage
+from webapp.downloads import send_export
 from webapp.models import ExportJob, JobState, User, db, locked, utcnow
 
 bp = Blueprint("exports", __name__)
@@ -314,10 +314,4 @@ def download(job_id: int):
     if job.state != JobState.SUCCEEDED or not job.file_name or not files.exists(job.file_name):
         abort(404, "This export has no file to download (yet).")
     current_app.logger.info("job %s downloaded by user %s", job.id, current_user.id)
-    return send_file(
-        files.open(job.file_name),
-        mimetype=MIME_TYPES.get(job.format, "application/octet-stream"),
-        as_attachment=True,
-        download_name=job.download_name(),
-        max_age=0,
-    )
+    return send_export(job)

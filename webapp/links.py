@@ -15,7 +15,6 @@ from flask import (
     redirect,
     render_template,
     request,
-    send_file,
     url_for,
 )
 from flask_login import current_user
@@ -24,10 +23,11 @@ from sqlalchemy.exc import IntegrityError
 from wtforms import EmailField, PasswordField
 from wtforms.validators import DataRequired, EqualTo, Length
 
-from jobs.engine import MIME_TYPES, storage
+from jobs.engine import storage
 from jobs.mail import outbox
 from webapp import emails
 from webapp.auth import find_user
+from webapp.downloads import send_export
 from webapp.models import ExportJob, JobState, db
 from webapp.tokens import (
     DownloadGrant,
@@ -81,9 +81,7 @@ def download(token: str):
     if grant.expired:
         return render_template("links/expired.html", job=job, token=token), 410
     current_app.logger.info("job %s downloaded by emailed link", job.id)
-    return send_file(storage().open(job.file_name),
-                     mimetype=MIME_TYPES.get(job.format, "application/octet-stream"),
-                     as_attachment=True, download_name=job.download_name(), max_age=0)
+    return send_export(job)
 
 
 def _removed(job: ExportJob, token: str):

@@ -1,0 +1,44 @@
+"""The one answer to every download of an export file, from the job page or an emailed link."""
+
+from __future__ import annotations
+
+import base64
+
+from flask import Response, abort, request, send_file
+from werkzeug.exceptions import RequestedRangeNotSatisfiable
+
+from jobs.engine import MIME_TYPES, storage
+from webapp.models import ExportJob
+
+
+def repr_digest(sha256_hex: str) -> str:
+    """The Repr-Digest header (RFC 9530) for a hex SHA-256: `sha-256=:<base64 of the bytes>:`."""
+    return f"sha-256=:{base64.b64encode(bytes.fromhex(sha256_hex)).decode('ascii')}:"
+
+
+def send_export(job: ExportJob) -> Response:
+    """The job's published file as an attachment (the caller has checked the job may be
+    downloaded).
+
+    Its recorded SHA-256 is the strong ETag (`"<hex>"`) and the Repr-Digest, so a client can
+    check what it received; Content-Length is the file's size, so Range (206, also with
+    If-Range) and If-None-Match (304) are answered; HEAD sends the headers alone. A job with
+    no recorded digest (older rows) is served without either header.
+    """
+    files = storage()
+    try:
+        size = files.size(job.file_name)
+        fh = files.open(job.file_name)  # once open, the bytes stay readable even if deleted
+    except FileNotFoundError:  # removed since the caller looked (retention)
+        abort(404, "This export has no file to download (yet).")
+    response = send_file(fh, mimetype=MIME_TYPES.get(job.format, "application/octet-stream"),
+                         as_attachment=True, download_name=job.download_name(), max_age=0,
+                         etag=job.sha256 or False, conditional=False)
+    response.content_length = size
+    if job.sha256:
+        response.headers["Repr-Digest"] = repr_digest(job.sha256)
+    try:
+        return response.make_conditional(request, accept_ranges=True, complete_length=size)
+    except RequestedRangeNotSatisfiable:
+        response.close()
+        raise
