@@ -177,13 +177,14 @@ def test_retry_from_scratch_clears_checkpoint_and_part_file(app, admin):
     job_id = make_job(app, state=JobState.FAILED, rows_done=500, bytes=10,
                       checkpoint={"rows": 500, "bytes": 10, "key": [1]})
     with app.app_context():
-        with engine.storage().open_part(job_id, "csv", 0) as part:
+        part, _ = engine.storage().open_part(job_id, 1, "csv")
+        with part:
             part.write(b"0123456789")
     assert post(admin, f"/admin/jobs/{job_id}/retry", from_scratch="1").status_code == 303
     with app.app_context():
         job = db.session.get(ExportJob, job_id)
         assert (job.state, job.checkpoint, job.rows_done, job.bytes) == ("queued", None, 0, 0)
-        assert engine.storage().part_size(job_id, "csv") is None
+        assert engine.storage().parts(job_id) == []
         assert db.session.scalar(select(AdminAction.action).where(
             AdminAction.job_id == job_id)) == "retry_from_scratch"
 

@@ -98,12 +98,17 @@ def test_expired_job_page_offers_no_download(app, export_dir):
     assert "deleted after the retention period" in page and "/download" not in page
 
 
-def test_bytes_used_counts_every_file_in_the_export_dir(app, export_dir):
+def test_disk_counts_every_file_and_the_parts_and_warns_when_free_space_is_low(
+        app, export_dir, monkeypatch):
     with app.app_context():
-        assert retention.bytes_used() == 0
-        touch(export_dir, "job-1.csv", size=1000)
-        touch(export_dir, "job-2.csv.part", size=234)
-        assert retention.bytes_used() == 1234
-    with app.app_context():
+        assert (retention.disk().used, retention.disk().parts) == (0, 0)
+        touch(export_dir, "job-1.a1.csv", size=1000)
+        touch(export_dir, "job-2.a1.csv.part", size=234)
+        disk = retention.disk()
+        assert (disk.used, disk.parts) == (1234, 234) and 0 < disk.free <= disk.total
+        monkeypatch.setitem(app.config, "DISK_FREE_WARNING", 0)
+        assert not retention.disk().low
+        monkeypatch.setitem(app.config, "DISK_FREE_WARNING", disk.total + 1)
+        assert retention.disk().low
         app.config["EXPORT_DIR"] = str(export_dir / "missing")
-        assert retention.bytes_used() == 0
+        assert retention.disk().used == 0

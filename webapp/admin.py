@@ -387,7 +387,7 @@ def job(job_id: int):
     file_size = files.size(job.file_name) if job.file_name and files.exists(job.file_name) \
         else None
     return _render("admin/job.html", job=job, emails=emails, actions=actions,
-                   file_size=file_size, part_size=files.part_size(job.id, job.format),
+                   file_size=file_size, part_size=files.parts_bytes(job.id) or None,
                    allowed=_allowed("job", job.state))
 
 
@@ -555,7 +555,7 @@ def bulk():
 def lanes():
     template = "admin/_lanes.html" if request.headers.get("HX-Request") == "true" \
         else "admin/lanes.html"
-    return _render(template, health=dispatch.lane_health(), disk=retention.bytes_used(),
+    return _render(template, health=dispatch.lane_health(), disk=retention.disk(),
                    sla=current_app.config["CRITICAL_SLA_SECONDS"])
 
 

@@ -67,9 +67,11 @@ class Collector:
             hour.add_metric([lane["lane"], "completed"], sum(m[1] for m in lane["minutes"]))
             hour.add_metric([lane["lane"], "failed"], sum(m[2] for m in lane["minutes"]))
         yield hour
+        disk = retention.disk()
         yield GaugeMetricFamily("exportdesk_export_disk_bytes",
-                                "Bytes held by export files and parts.",
-                                value=retention.bytes_used())
+                                "Bytes held by export files and parts.", value=disk.used)
+        yield GaugeMetricFamily("exportdesk_export_disk_free_bytes",
+                                "Bytes still free on the export folder's disk.", value=disk.free)
         yield from self._attempts()
 
     def _attempts(self):
