@@ -34,7 +34,7 @@ def fill(jobs: int, chunk: int = 50_000) -> None:
     their parameter values as the app records them (job_param_values)."""
     from sqlalchemy import insert, select, text
 
-    from webapp.models import ExportJob, JobParamValue, User, db, param_search_values
+    from jobs.models import ExportJob, JobParamValue, User, db, param_search_values
     from webapp.seed import seed
 
     seed(0)

@@ -130,9 +130,9 @@ def submit() -> None:
     """Record an export for USER and send it to the exports lane, as the web app does; print
     its id."""
     from jobs import dispatch
+    from jobs.models import ExportJob, db
     from webapp import create_app
     from webapp.auth import find_user
-    from webapp.models import ExportJob, db
 
     with create_app().app_context():
         user = find_user(USER)
@@ -206,8 +206,8 @@ def worker_rss(inst: Path, env: dict, me: list[str]) -> tuple[int, int]:
 
 
 def _export(app, kind: str, out: str) -> None:
+    from jobs.models import ExportJob, db
     from webapp.auth import find_user
-    from webapp.models import ExportJob, db
 
     user = find_user(USER)
     if kind == "engine":  # the real thing: job row, checkpoints, progress, publish
@@ -224,7 +224,7 @@ def _export(app, kind: str, out: str) -> None:
         return
     import csv  # the tutorial pattern: ORM objects, csv.writer, OFFSET pages
 
-    from webapp.models import Transaction
+    from jobs.models import Transaction
 
     with open(out, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)

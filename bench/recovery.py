@@ -35,7 +35,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]
 
 from starvation import start, stop  # noqa: E402
 
-from webapp.models import ExportJob, JobAttempt, User  # noqa: E402
+from jobs.models import ExportJob, JobAttempt, User  # noqa: E402
 
 
 def wait(predicate, timeout: float, what: str):

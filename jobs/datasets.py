@@ -8,7 +8,7 @@ from datetime import date, datetime, time, timedelta
 
 from sqlalchemy import Select, Table, func, select
 
-from webapp.models import Order, Transaction
+from jobs.models import Order, Transaction
 
 
 class InvalidParams(ValueError):

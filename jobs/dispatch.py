@@ -11,7 +11,10 @@ from datetime import timedelta
 from sqlalchemy import event, select, update
 from sqlalchemy.orm import Session
 
-from webapp.models import (
+from jobs import lanes
+from jobs.lanes import LANES
+from jobs.mail import EMAIL_ATTEMPTS
+from jobs.models import (
     EmailState,
     ExportJob,
     JobAttempt,
@@ -20,6 +23,7 @@ from webapp.models import (
     db,
     utcnow,
 )
+from jobs.storage import storage
 
 log = logging.getLogger(__name__)
 _PENDING = "exportdesk.after_commit"
@@ -64,9 +68,7 @@ def submit(job: ExportJob) -> None:
 
 def send(job_id: int) -> None:
     """Put a committed job's message on its lane now; raises if the broker is unreachable."""
-    from jobs.tasks import run_export
-
-    run_export(job_id)
+    lanes.exports.send("export", job_id)
     mark_enqueued(job_id)
 
 
@@ -96,8 +98,6 @@ def reconcile(grace: float) -> list[int]:
     Emails get the first two cases too (`reconcile_emails`). A message sent twice anyway is
     harmless: the claim in jobs.engine runs a job once at a time, mail.deliver sends once.
     """
-    from jobs.tasks import run_export
-
     now = utcnow()
     lapsed = select(ExportJob.id).where(ExportJob.state == JobState.RUNNING,
                                         ExportJob.lease_expires_at < now)
@@ -118,7 +118,8 @@ def reconcile(grace: float) -> list[int]:
     unsent = _ids(select(ExportJob.id).where(waiting, ExportJob.enqueued_at.is_(None),
                                              ExportJob.created_at <= cutoff))
     sent = _send_each(unsent, send, "job(s) that never reached their lane")
-    lost = _lost(run_export, select(ExportJob.id).where(waiting, ExportJob.enqueued_at <= cutoff))
+    lost = _lost(lanes.exports, "export",
+                 select(ExportJob.id).where(waiting, ExportJob.enqueued_at <= cutoff))
     sent += _send_each(lost, send, "job(s) their lane lost")
     reconcile_emails(grace)
     return sent
@@ -129,13 +130,16 @@ def reconcile_emails(grace: float) -> list[int]:
     queued or retrying for `grace` seconds, attempts left, and its message in neither the
     lane's queue nor its schedule (where Huey keeps its retries). That covers a hand-over that
     failed (the broker was down at commit) and a message the broker lost. Returns their ids."""
-    from jobs.tasks import EMAIL_ATTEMPTS, send_email
-
     cutoff = utcnow() - timedelta(seconds=grace)
-    lost = _lost(send_email, select(OutboundEmail.id).where(
+    lost = _lost(lanes.critical, "send_email", select(OutboundEmail.id).where(
         OutboundEmail.state.in_(EmailState.CLAIMABLE), OutboundEmail.attempts < EMAIL_ATTEMPTS,
         OutboundEmail.created_at <= cutoff))
     return _send_each(lost, send_email, "email(s) their lane lost or never got")
+
+
+def send_email(email_id: int) -> None:
+    """Put a recorded email's message on the critical lane now."""
+    lanes.critical.send("send_email", email_id)
 
 
 # A message a worker has just taken (not yet claimed, or on its way back to the schedule, as
@@ -150,24 +154,24 @@ def _ids(query) -> list[int]:
     return ids
 
 
-def _lost(task, waiting) -> list[int]:
-    """Ids the query `waiting` finds that `task`'s lane does not hold, looked at twice.
+def _lost(lane: lanes.Lane, task_name: str, waiting) -> list[int]:
+    """Ids the query `waiting` finds that `lane` does not hold for `task_name`, looked at twice.
 
     The lane is read before the database each time: a message a worker takes in between
     belongs to a row that has stopped waiting (claimed), not to a lost one. An unreachable
     lane loses nothing more: the next run looks again.
     """
     try:
-        held = task.huey.held(task.name)
+        held = lane.held(task_name)
         lost = [i for i in _ids(waiting) if i not in held]
         if lost:
             time.sleep(LOOK_AGAIN_SECONDS)
-            held, first = task.huey.held(task.name), set(lost)
+            held, first = lane.held(task_name), set(lost)
             lost = [i for i in _ids(waiting) if i in first and i not in held]
     except Exception as exc:
         db.session.rollback()
         log.warning("reconciler: cannot read lane %s (%s: %s); looking again next time",
-                    task.huey.name, type(exc).__name__, exc)
+                    lane.name, type(exc).__name__, exc)
         return []
     return lost
 
@@ -190,8 +194,6 @@ def _send_each(ids: list[int], send_one: Callable[[int], object], what: str) -> 
 
 def send_email_after_commit(email: OutboundEmail) -> None:
     """Hand the (flushed) email to the critical lane once the transaction recording it commits."""
-    from jobs.tasks import send_email
-
     email_id = email.id
     on_commit(db.session(), lambda: send_email(email_id))
 
@@ -258,14 +260,10 @@ def retry(job: ExportJob, from_scratch: bool = False) -> None:
 
 
 def _parts(job_id: int) -> list[str]:
-    from jobs.engine import storage
-
     return storage().parts(job_id)
 
 
 def _discard_parts(job_id: int) -> None:
-    from jobs.engine import storage
-
     storage().discard_parts(job_id)
 
 
@@ -294,8 +292,6 @@ def retry_email(email: OutboundEmail) -> None:
 
 
 def _lane(name: str):
-    from jobs.lanes import LANES
-
     if name not in LANES:
         raise KeyError(name)
     return LANES[name]
@@ -322,8 +318,6 @@ def lane_health() -> list[dict]:
     Each is Lane.health() (depth, oldest_wait, running, consumers, workers, completed_5m,
     failed_5m) plus `paused` and `minutes`: [minute, completed, failed] for the last hour.
     """
-    from jobs.lanes import LANES
-
     report = []
     for lane in LANES.values():
         health = lane.health()

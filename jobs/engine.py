@@ -22,12 +22,11 @@ from redis import exceptions as redis_exc
 from sqlalchemy import Connection, func, select, update
 from sqlalchemy import exc as sa_exc
 
-from jobs import dispatch, fastcsv, lanes
+from jobs import dispatch, fastcsv, lanes, signals
 from jobs.datasets import DATASETS, Dataset, InvalidParams
 from jobs.fastcsv import neutralise
-from jobs.storage import LocalStorage, Part, Prefix
-from webapp import emails
-from webapp.models import ExportJob, JobAttempt, JobState, User, db, locked, utcnow
+from jobs.models import ExportJob, JobAttempt, JobState, User, db, locked, utcnow
+from jobs.storage import LocalStorage, Part, Prefix, storage
 
 log = logging.getLogger(__name__)
 
@@ -229,10 +228,6 @@ def host() -> str:
 
 def worker_name() -> str:
     return f"{host()}:{os.getpid()}"
-
-
-def storage() -> LocalStorage:
-    return LocalStorage(current_app.config["EXPORT_DIR"])
 
 
 class PermanentFailure(Exception):
@@ -495,7 +490,7 @@ def run(job_id: int, max_attempts: int) -> None:
         if owned and not retry:
             db.session.flush()  # refresh() would overwrite the attempt's unsaved outcome
             db.session.refresh(job)
-            emails.export_finished(job)
+            signals.export_finished.send(current_app._get_current_object(), job=job)
         db.session.commit()
         if owned and not keep_part:  # a failed or cancelled job leaves no part behind
             files.discard_parts(job.id)
@@ -566,7 +561,7 @@ def _succeed(job: ExportJob, claim: str, published: str, final: Checkpoint) -> N
           lease_expires_at=None)
     dispatch.on_commit(db.session(), lambda: fault("committed"))  # before the email's send
     db.session.refresh(job)
-    emails.export_finished(job)  # saved in the same commit as the job's end
+    signals.export_finished.send(current_app._get_current_object(), job=job)
 
 
 def _may_keep_part(exc: BaseException, files: LocalStorage) -> bool:
@@ -598,7 +593,8 @@ def _process_gone(pid: int) -> bool:
 
 
 def release_dead_claims() -> list[int]:
-    """Jobs claimed by worker processes of this host that are gone: back on their lane now.
+    """Jobs claimed by worker processes of this host that are gone: released (retrying, to be
+    sent again by the caller) now; returns their ids.
 
     A consumer calls it when it starts and whenever it checks its workers, so an export whose
     worker died resumes within seconds instead of after its lease. A dead worker of another
@@ -633,10 +629,6 @@ def release_dead_claims() -> list[int]:
         db.session.commit()
         if moved:
             released.append(job_id)
-            try:
-                dispatch.send(job_id)
-            except Exception as exc:  # the reconciler sends it once the lane answers
-                log.warning("job %s released but not sent (%s)", job_id, exc)
     if released:
-        log.info("resumed jobs of this host's dead workers at once: %s", released)
+        log.info("jobs of this host's dead workers go back on their lane: %s", released)
     return released

@@ -10,9 +10,11 @@ import socket
 import time
 import tomllib
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from flask import Flask, current_app, has_app_context
 from huey import Huey, crontab  # noqa: F401 (crontab: for periodic tasks)
 from huey import signals as S
 from huey.api import TaskWrapper
@@ -124,6 +126,8 @@ class Lane(Huey):
         self.queue_dir: Path | None = None
         self.interval_tasks: list[tuple[TaskWrapper, float]] = []
         self.check_hooks: list[Callable[[], None]] = []
+        self.app: Flask | None = None  # set by init_app: tasks run in its context
+        self.tasks: dict[str, TaskWrapper] = {}  # by short name, for send()
         super().__init__(name, results=False, utc=True)
         self.signal()(self._record)
 
@@ -172,7 +176,36 @@ class Lane(Huey):
         kwargs.setdefault("retries", s.retries)
         kwargs.setdefault("retry_delay", s.retry_delay)
         kwargs.setdefault("retry_backoff", s.retry_backoff)
-        return super().task(**kwargs)
+        declare = super().task(**kwargs)
+
+        def decorator(fn: Callable) -> TaskWrapper:
+            wrapper = declare(fn)
+            self.tasks[kwargs.get("name") or fn.__name__] = wrapper
+            return wrapper
+
+        return decorator
+
+    def send(self, task_name: str, *args, delay: float | None = None) -> None:
+        """Put a message for this lane's task `task_name` on the lane (after `delay` seconds):
+        how the core sends work without importing the module that declares the task."""
+        try:
+            task = self.tasks[task_name]
+        except KeyError:
+            raise LookupError(f"lane {self.name!r} has no task {task_name!r}: "
+                              "is jobs.tasks imported?") from None
+        if delay is None:
+            task(*args)
+        else:
+            task.schedule(args, delay=delay)
+
+    def context(self) -> AbstractContextManager:
+        """A fresh app context (so a database session of its own) for a task or a consumer
+        hook: of the current app, else of the app `init_app` bound (a worker process has no
+        other). Fresh also in immediate mode, where a task may run inside another's commit."""
+        app = current_app._get_current_object() if has_app_context() else self.app
+        if app is None:
+            raise RuntimeError(f"lane {self.name!r} has no app: call jobs.lanes.init_app(app)")
+        return app.app_context()
 
     def periodic_task(self, validate_datetime, **kwargs) -> Callable:
         """A periodic task that runs once per schedule however many consumers run the lane.
@@ -281,7 +314,8 @@ class Lane(Huey):
     def execute(self, task, timestamp=None):
         """Run a task under this lane's hard timeout, whatever timeout its message carries."""
         task.timeout = min(task.timeout or self.settings.timeout, self.settings.timeout)
-        return super().execute(task, timestamp)
+        with self.context():
+            return super().execute(task, timestamp)
 
     def _record(self, signal: str, task, *_args) -> None:
         """Huey signal handler: keep the ledger of running tasks and per-minute outcomes."""
@@ -373,7 +407,8 @@ class LaneConsumer(Consumer):
     def _run_check_hooks(self) -> None:
         for hook in self.lane.check_hooks:
             try:
-                hook()
+                with self.lane.context():
+                    hook()
             except Exception:  # a database that does not answer must not stop the consumer
                 log.exception("lane %s: check hook %s failed", self.lane.name, hook.__name__)
 
@@ -385,6 +420,14 @@ class LaneConsumer(Consumer):
 critical = Lane("critical")
 exports = Lane("exports")
 LANES: dict[str, Lane] = {lane.name: lane for lane in (critical, exports)}
+
+
+def init_app(app: Flask) -> None:
+    """Bind every lane to the app: the app context each of its tasks runs in, and its storage
+    (SQLite files in the instance folder, or Redis when BROKER_URL says)."""
+    for lane in LANES.values():
+        lane.app = app
+    configure(app.config["BROKER_URL"], Path(app.instance_path))
 
 
 def configure(broker_url: str, queue_dir: Path) -> None:

@@ -15,9 +15,12 @@ from urllib.parse import parse_qs, unquote, urlsplit
 from flask import current_app
 from sqlalchemy import update
 
-from webapp.models import EmailState, OutboundEmail, db, utcnow
+from jobs.lanes import critical
+from jobs.models import EmailState, OutboundEmail, db, utcnow
 
 log = logging.getLogger(__name__)
+# Sends of one email: the critical lane's first try and its retries.
+EMAIL_ATTEMPTS = critical.settings.retries + 1
 
 SCHEMES = {"smtp": ("plain", 25), "smtp+starttls": ("starttls", 587), "smtps": ("ssl", 465)}
 

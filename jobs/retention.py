@@ -11,9 +11,8 @@ from datetime import datetime
 from flask import current_app
 from sqlalchemy import select
 
-from jobs.engine import storage
-from jobs.storage import OUR_FILE
-from webapp.models import ExportJob, JobState, db, utcnow
+from jobs.models import ExportJob, JobState, db, utcnow
+from jobs.storage import OUR_FILE, storage
 
 log = logging.getLogger(__name__)
 ORPHAN_GRACE = 3600.0  # seconds: a file this fresh may belong to a transaction still in flight

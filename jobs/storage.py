@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from flask import current_app
+
 CHUNK = 1 << 20
 OUR_FILE = re.compile(r"job-(\d+)\.(?:a\d+\.)?[\w.]+?(\.part)?")
 
@@ -220,3 +222,8 @@ class LocalStorage:
         prefix = "job-" if job_id is None else f"job-{int(job_id)}."
         return sum(size for name, size, _mtime in self.entries()
                    if name.startswith(prefix) and name.endswith(".part"))
+
+
+def storage() -> LocalStorage:
+    """The app's export storage, as its configuration says (EXPORT_DIR)."""
+    return LocalStorage(current_app.config["EXPORT_DIR"])

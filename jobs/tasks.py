@@ -5,32 +5,13 @@ from __future__ import annotations
 import logging
 import os
 
-from flask import Flask, current_app, has_app_context
+from flask import current_app
 from huey import crontab
 
 from jobs import dispatch, engine, lanes, mail, retention
 
 log = logging.getLogger(__name__)
-_app: Flask | None = None
 FAIR_SHARE_RETRY_SECONDS = 1.0
-
-
-def bind_app(app: Flask) -> None:
-    """The app whose database and settings tasks use in this process (set by `flask worker`)."""
-    global _app
-    _app = app
-
-
-def _task_app() -> Flask:
-    global _app
-    if has_app_context():
-        return current_app._get_current_object()
-    if _app is None:
-        from webapp import create_app
-
-        _app = create_app()
-    return _app
-
 
 EXPORT_ATTEMPTS = lanes.exports.settings.retries + 1
 MAX_RETRY_DELAY = 600.0
@@ -47,29 +28,28 @@ def backoff(base: float, attempt: int) -> float:
 @lanes.exports.task(name="export", retries=0)
 def run_export(job_id: int) -> None:
     """Run or resume an export; a failed attempt goes back on the lane after a backoff delay."""
-    with _task_app().app_context():
-        try:
-            engine.run(job_id, EXPORT_ATTEMPTS)
-        except engine.Deferred:
-            run_export.schedule((job_id,), delay=FAIR_SHARE_RETRY_SECONDS)
-        except engine.Interrupted:
-            log.info("export %s checkpointed for shutdown; back on its lane", job_id)
-            run_export(job_id)
+    try:
+        engine.run(job_id, EXPORT_ATTEMPTS)
+    except engine.Deferred:
+        run_export.schedule((job_id,), delay=FAIR_SHARE_RETRY_SECONDS)
+    except engine.Interrupted:
+        log.info("export %s checkpointed for shutdown; back on its lane", job_id)
+        run_export(job_id)
+        dispatch.mark_enqueued(job_id)
+    except engine.AttemptFailed as failure:
+        log.warning("export %s attempt %s failed: %s", job_id, failure.attempt, failure)
+        if failure.retry:  # if this fails (broker down) the reconciler sends the job later
+            delay = backoff(lanes.exports.settings.retry_delay, failure.attempt)
+            run_export.schedule((job_id,), delay=delay)
             dispatch.mark_enqueued(job_id)
-        except engine.AttemptFailed as failure:
-            log.warning("export %s attempt %s failed: %s", job_id, failure.attempt, failure)
-            if failure.retry:  # if this fails (broker down) the reconciler sends the job later
-                delay = backoff(lanes.exports.settings.retry_delay, failure.attempt)
-                run_export.schedule((job_id,), delay=delay)
-                dispatch.mark_enqueued(job_id)
 
 
 @lanes.exports.on_check
 def resume_jobs_of_dead_workers() -> None:
     """In the exports consumer, at start and every few seconds: a job whose worker process on
     this host is gone goes back on the lane at once, instead of after its lease."""
-    with _task_app().app_context():
-        engine.release_dead_claims()
+    for job_id in engine.release_dead_claims():
+        dispatch.send(job_id)
 
 
 RECONCILE_LANE = lanes.LANES[os.environ.get("RECONCILE_LANE", "critical")]
@@ -80,11 +60,7 @@ RECONCILE_INTERVAL = float(os.environ.get("RECONCILE_INTERVAL", 30))
 def reconcile() -> None:
     """Send the jobs and emails whose message never reached its lane or that the broker lost,
     and put back jobs whose worker died (see jobs.dispatch.reconcile)."""
-    with _task_app().app_context() as ctx:
-        dispatch.reconcile(ctx.app.config["RECONCILE_GRACE"])
-
-
-EMAIL_ATTEMPTS = lanes.critical.settings.retries + 1
+    dispatch.reconcile(current_app.config["RECONCILE_GRACE"])
 
 
 @lanes.critical.task(name="send_email", timeout=lanes.critical.settings.timeout,
@@ -92,8 +68,7 @@ EMAIL_ATTEMPTS = lanes.critical.settings.retries + 1
                      retry_delay=lanes.critical.settings.retry_delay)
 def send_email(email_id: int) -> None:
     """Send one recorded email once; a failed attempt raises, so the lane retries it later."""
-    with _task_app().app_context():
-        mail.deliver(email_id, EMAIL_ATTEMPTS)
+    mail.deliver(email_id, mail.EMAIL_ATTEMPTS)
 
 
 @lanes.critical.periodic_task(crontab(minute="*/10"), name="housekeeping",
@@ -101,6 +76,5 @@ def send_email(email_id: int) -> None:
 def housekeeping() -> None:
     """Every 10 minutes: retention (emails whose message was lost are the reconciler's).
     On the critical lane because the disk fills fastest exactly when exports are busy."""
-    with _task_app().app_context():
-        retention.sweep()
+    retention.sweep()
 

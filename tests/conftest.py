@@ -218,8 +218,8 @@ def run_inline(app, email: str, dataset: str = "transactions", params: dict | No
     """Record an export for the user and run it to its end in this process, as a worker would;
     returns the job, refreshed and detached (a failed attempt is recorded on it)."""
     from jobs import engine
+    from jobs.models import ExportJob, db
     from webapp.auth import find_user
-    from webapp.models import ExportJob, db
 
     with app.app_context():
         user = find_user(email)

@@ -21,7 +21,7 @@ from conftest import (
 from sqlalchemy import create_engine, func, insert, select
 from sqlalchemy.pool import NullPool
 
-from webapp.models import ExportJob, JobAttempt, User
+from jobs.models import ExportJob, JobAttempt, User
 
 
 class Instance:

@@ -11,9 +11,10 @@ import pytest
 from conftest import csrf_from, login, run_inline
 from sqlalchemy import select
 
-from jobs import dispatch, engine, lanes, mail
+from jobs import dispatch, lanes, mail
+from jobs.models import AdminAction, EmailState, ExportJob, JobState, OutboundEmail, db
+from jobs.storage import storage
 from webapp.auth import find_user
-from webapp.models import AdminAction, EmailState, ExportJob, JobState, OutboundEmail, db
 
 
 @pytest.fixture(autouse=True)
@@ -177,14 +178,14 @@ def test_retry_from_scratch_clears_checkpoint_and_part_file(app, admin):
     job_id = make_job(app, state=JobState.FAILED, rows_done=500, bytes=10,
                       checkpoint={"rows": 500, "bytes": 10, "key": [1]})
     with app.app_context():
-        part, _ = engine.storage().open_part(job_id, 1, "csv")
+        part, _ = storage().open_part(job_id, 1, "csv")
         with part:
             part.write(b"0123456789")
     assert post(admin, f"/admin/jobs/{job_id}/retry", from_scratch="1").status_code == 303
     with app.app_context():
         job = db.session.get(ExportJob, job_id)
         assert (job.state, job.checkpoint, job.rows_done, job.bytes) == ("queued", None, 0, 0)
-        assert engine.storage().parts(job_id) == []
+        assert storage().parts(job_id) == []
         assert db.session.scalar(select(AdminAction.action).where(
             AdminAction.job_id == job_id)) == "retry_from_scratch"
 
@@ -251,7 +252,7 @@ def test_metrics_and_healthz(app, client):
     job_id = make_job(app, state=JobState.FAILED)
     with app.app_context():
         job = db.session.get(ExportJob, job_id)
-        from webapp.models import JobAttempt
+        from jobs.models import JobAttempt
 
         db.session.add(JobAttempt(job=job, number=1, worker="w", outcome="failed",
                                   started_at=datetime(2020, 1, 1, 0, 0, 0),

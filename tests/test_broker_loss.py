@@ -30,8 +30,8 @@ from conftest import (
 from sqlalchemy import update
 
 from jobs import dispatch, lanes, tasks
+from jobs.models import EmailState, ExportJob, JobState, OutboundEmail, db, utcnow
 from webapp.auth import find_user
-from webapp.models import EmailState, ExportJob, JobState, OutboundEmail, db, utcnow
 
 GRACE = 10
 
@@ -44,7 +44,7 @@ from webapp import create_app
 from webapp.auth import find_user
 from webapp.emails import password_reset
 from webapp.exports import create_export
-from webapp.models import db
+from jobs.models import db
 
 app = create_app()
 with app.app_context():

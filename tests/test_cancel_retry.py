@@ -13,9 +13,10 @@ from expected import expected_rows
 from sqlalchemy import update
 
 from jobs import dispatch, engine, fastcsv, lanes
+from jobs.models import ExportJob, JobAttempt, JobState, db, utcnow
+from jobs.storage import storage
 from webapp.auth import create_token, find_user
 from webapp.exports import duration, timing
-from webapp.models import ExportJob, JobAttempt, JobState, db, utcnow
 
 HX = {"HX-Request": "true"}
 
@@ -177,7 +178,7 @@ def test_failed_attempt_resumes_from_its_checkpoint_a_failed_job_keeps_no_part(
     assert failed.state == "retrying" and "database went away" in failed.error
     assert failed.rows_done == 2 * app.config["EXPORT_BATCH_ROWS"]
     with app.app_context():
-        assert engine.storage().parts(job_id), "a part kept for the retry"
+        assert storage().parts(job_id), "a part kept for the retry"
         engine.run(job_id, max_attempts=2)
     done = load(app, job_id)
     # An uninterrupted run reads ceil(rows / batch) batches; here only the batch that failed
@@ -196,7 +197,7 @@ def test_failed_attempt_resumes_from_its_checkpoint_a_failed_job_keeps_no_part(
     failed = load(app, job_id)
     assert failed.state == "failed" and failed.checkpoint is None
     with app.app_context():
-        assert engine.storage().parts(job_id) == []
+        assert storage().parts(job_id) == []
         job = db.session.get(ExportJob, job_id)
         dispatch.retry(job)
         db.session.commit()

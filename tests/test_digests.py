@@ -24,7 +24,7 @@ from sqlalchemy import create_engine, insert, select
 from sqlalchemy.pool import NullPool
 
 from jobs import lanes, retention
-from webapp.models import ExportJob, User, db
+from jobs.models import ExportJob, User, db
 from webapp.tokens import download_token
 
 

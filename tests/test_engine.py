@@ -77,7 +77,7 @@ def test_a_failing_sqlite_reader_raises_its_error(tmp_path):
 def test_pages_cover_every_row_once_also_rows_added_while_reading(app, database_url, size):
     """Pages of any size, read side by side on PostgreSQL, join into the whole export in key
     order; a row added at the end while the export runs is in it too."""
-    from webapp.models import db
+    from jobs.models import db
 
     dataset = DATASETS["orders"]
     with app.app_context(), db.engine.connect() as conn:
@@ -127,7 +127,7 @@ def test_a_resume_never_trusts_a_damaged_file_it_starts_over_and_says_why(
     """The class of the 46 MB of NUL bytes: a part (or a published file) that is missing,
     shorter than its checkpoint or not the bytes it recorded is never extended or served."""
     from jobs import engine
-    from webapp.models import ExportJob, db
+    from jobs.models import ExportJob, db
 
     clean = (instance / "exports" / run_inline(app, "alice@acme.test").file_name).read_bytes()
     job_id = _kept_part_after_a_failed_attempt(app, monkeypatch)

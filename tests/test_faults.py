@@ -14,7 +14,7 @@ import pytest
 from conftest import wait_for
 from instances import Instance
 
-from webapp.models import OutboundEmail
+from jobs.models import OutboundEmail
 
 pytestmark = pytest.mark.integration
 ROWS = 20_000  # about 10,000 for the user: 20 pages of 500, a checkpoint after each

@@ -19,9 +19,9 @@ from sqlalchemy import insert
 
 from jobs import engine
 from jobs.datasets import DATASETS
+from jobs.models import ExportJob, Organisation, Transaction, User, db
 from jobs.storage import LocalStorage, Part, Prefix
 from webapp.auth import find_user
-from webapp.models import ExportJob, Organisation, Transaction, User, db
 
 
 def parse(data: bytes) -> list[list[str]]:
@@ -195,16 +195,3 @@ def test_api_and_form_accept_every_format(alice):
         assert f'value="{fmt}"' in page
     bad = alice.post("/api/exports", json={"dataset": "orders", "format": "pdf"})
     assert bad.status_code in (400, 422)
-
-
-def test_disk_full_fails_the_job_with_a_reason_and_serves_nothing(app, alice, monkeypatch):
-    class FullDisk(LocalStorage):
-        def open_part(self, job_id, attempt, fmt, keep=None):
-            full = open("/dev/full", "wb")  # noqa: SIM115 (every flush: ENOSPC)
-            return Part(full, self.part_name(job_id, attempt, fmt), hashlib.sha256(), 0), None
-
-    monkeypatch.setattr(engine, "storage", lambda: FullDisk(app.config["EXPORT_DIR"]))
-    job = run_job(app, "alice@acme.test", "csv", dataset="orders")
-    assert job.state == "failed"
-    assert job.error.startswith("Storage error: No space left on device"), job.error
-    assert alice.get(f"/exports/{job.id}/download").status_code == 404

@@ -32,9 +32,9 @@ from sqlalchemy import create_engine, select, update
 from sqlalchemy import exc as sa_exc
 
 from jobs import dispatch, engine, lanes, tasks
+from jobs.models import ExportJob, JobAttempt, JobState, db, utcnow
 from webapp.auth import create_token, find_user
 from webapp.exports import create_export
-from webapp.models import ExportJob, JobAttempt, JobState, db, utcnow
 
 _day = itertools.count()
 
@@ -178,7 +178,7 @@ from jobs import dispatch
 from webapp import create_app
 from webapp.auth import find_user
 from webapp.exports import create_export
-from webapp.models import db
+from jobs.models import db
 
 app = create_app()
 with app.app_context():

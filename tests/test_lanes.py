@@ -19,9 +19,9 @@ from huey.exceptions import HueyException
 from sqlalchemy import update
 
 from jobs import lanes, tasks
+from jobs.models import ExportJob, JobState, db
 from webapp.auth import find_user
 from webapp.exports import create_export
-from webapp.models import ExportJob, JobState, db
 
 pytestmark = pytest.mark.integration
 REDIS_URL = os.environ.get("REDIS_TEST_URL", "redis://127.0.0.1:6379/3")

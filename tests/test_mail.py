@@ -10,9 +10,10 @@ from conftest import csrf_from, login, run_inline
 from mailserver import MailServer, html_of, links_in, self_signed_cert, text_of
 from sqlalchemy import select
 
-from jobs import engine, lanes, mail
+from jobs import lanes, mail
+from jobs.models import EmailState, ExportJob, JobState, OutboundEmail, db
+from jobs.storage import storage
 from webapp.auth import find_user
-from webapp.models import EmailState, ExportJob, JobState, OutboundEmail, db
 
 # the plain-SMTP authentication case is deliberate: it tests our client, not a deployment
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
@@ -145,7 +146,7 @@ def test_file_removed_by_retention_is_410_with_a_way_to_run_it_again(app, client
     path = download_path(sending.wait_for(for_job(job_id)))
     with app.app_context():
         job = db.session.get(ExportJob, job_id)
-        engine.storage().delete(job.file_name)
+        storage().delete(job.file_name)
         job.state, job.file_name = JobState.EXPIRED, None
         db.session.commit()
     response = client.get(path)

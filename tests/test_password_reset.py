@@ -11,8 +11,8 @@ from conftest import csrf_from, login
 from mailserver import links_in
 from sqlalchemy import delete, func, select
 
+from jobs.models import OutboundEmail, User, db
 from webapp.auth import find_user
-from webapp.models import OutboundEmail, User, db
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ def test_expired_and_tampered_reset_tokens(app, client, sending, carol, monkeypa
 
 
 def test_a_download_token_is_not_a_reset_token(app, client):
-    from webapp.models import ExportJob
+    from jobs.models import ExportJob
     from webapp.tokens import download_token
 
     with app.app_context():

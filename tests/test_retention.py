@@ -9,8 +9,8 @@ from datetime import timedelta
 import pytest
 
 from jobs import retention
+from jobs.models import ExportJob, JobState, db, utcnow
 from webapp.auth import find_user
-from webapp.models import ExportJob, JobState, db, utcnow
 
 
 @pytest.fixture

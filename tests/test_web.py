@@ -7,8 +7,8 @@ from conftest import csrf_from, login
 from sqlalchemy import func, select
 
 from jobs import lanes
+from jobs.models import ExportJob, db
 from webapp.auth import create_token, find_user
-from webapp.models import ExportJob, db
 
 
 def submit(client, **fields):
@@ -187,7 +187,7 @@ def test_api_create_with_bearer_token_returns_202_job(app, client, token):
 
 
 def test_api_tokens_are_stored_hashed(app, token):
-    from webapp.models import ApiToken
+    from jobs.models import ApiToken
 
     with app.app_context():
         stored = db.session.scalars(select(ApiToken.token_hash)).all()

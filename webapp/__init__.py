@@ -6,20 +6,17 @@ import sqlite3
 from pathlib import Path
 
 from flask import Flask, jsonify, render_template, request
-from flask_login import LoginManager
-from flask_migrate import Migrate
-from flask_wtf.csrf import CSRFError, CSRFProtect
+from flask_wtf.csrf import CSRFError
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.exceptions import HTTPException
 
-from webapp import config
-from webapp.models import db
+from jobs import lanes, tasks  # noqa: F401 (tasks: declares every task on its lane)
+from jobs.models import db
+from webapp import admin, api, auth, cli, config, emails, exports, links, ops
+from webapp.extensions import csrf, login_manager, migrate
 
 ROOT = Path(__file__).resolve().parent.parent
-csrf = CSRFProtect()
-login_manager = LoginManager()
-migrate = Migrate()
 
 
 @event.listens_for(Engine, "connect")
@@ -52,11 +49,9 @@ def create_app(test_config: dict | None = None) -> Flask:
     csrf.init_app(app)
     login_manager.init_app(app)
 
-    from jobs import lanes
+    lanes.init_app(app)
+    emails.init_app(app)
 
-    lanes.configure(app.config["BROKER_URL"], Path(app.instance_path))
-
-    from webapp import admin, api, auth, cli, exports, links, ops
 
     app.register_blueprint(auth.bp)
     app.register_blueprint(exports.bp)

@@ -24,9 +24,8 @@ from werkzeug.datastructures import MultiDict
 
 from jobs import dispatch, retention
 from jobs.datasets import DATASETS
-from jobs.engine import storage
 from jobs.lanes import LANES
-from webapp.models import (
+from jobs.models import (
     AdminAction,
     EmailState,
     ExportJob,
@@ -37,6 +36,7 @@ from webapp.models import (
     db,
     progress,
 )
+from jobs.storage import storage
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
 PAGE = 25  # rows per page, as in Sidekiq's Web UI: a page renders in a few ms

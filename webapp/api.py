@@ -8,8 +8,8 @@ from sqlalchemy import select
 
 from jobs import dispatch
 from jobs.datasets import InvalidParams
+from jobs.models import ExportJob, db
 from webapp.exports import IdempotencyConflict, TooManyExports, job_for, request_export
-from webapp.models import ExportJob, db
 
 PAGE = 50
 

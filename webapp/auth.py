@@ -11,8 +11,8 @@ from sqlalchemy import select
 from wtforms import EmailField, PasswordField
 from wtforms.validators import DataRequired
 
-from webapp import csrf, login_manager
-from webapp.models import ApiToken, User, db
+from jobs.models import ApiToken, User, db
+from webapp.extensions import csrf, login_manager
 
 bp = Blueprint("auth", __name__)
 login_manager.login_view = "auth.login"

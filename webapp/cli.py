@@ -3,6 +3,7 @@ per lane)."""
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import sys
@@ -10,9 +11,17 @@ from pathlib import Path
 
 import click
 from flask import Flask, current_app
+from sqlalchemy import select
 
+from jobs import lanes
 from jobs.datasets import DATASETS, FORMATS, InvalidParams
-from webapp.models import db
+from jobs.engine import Checkpoint, stream
+from jobs.models import ExportJob, JobState, db
+from jobs.retention import verify
+from jobs.storage import Part
+from webapp import seed
+from webapp.auth import create_token, find_user
+from webapp.devserver import run_together
 
 
 def init_app(app: Flask) -> None:
@@ -26,8 +35,6 @@ def init_app(app: Flask) -> None:
 @click.option("--if-empty", is_flag=True, help="Do nothing when users already exist.")
 def seed_command(rows: int, if_empty: bool) -> None:
     """Demo organisations, users (with their dev passwords) and ROWS transactions."""
-    from webapp import seed
-
     if if_empty and seed.has_data():
         click.echo("Database already has data; not seeding.")
         return
@@ -41,15 +48,10 @@ def seed_command(rows: int, if_empty: bool) -> None:
 @click.argument("lane_name", metavar="LANE", type=click.Choice(["critical", "exports"]))
 def worker_command(lane_name: str) -> None:
     """Run a consumer for one lane, with that lane's settings."""
-    import importlib
-
-    from jobs import lanes, tasks
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     app = current_app._get_current_object()
     for module in app.config["TASK_MODULES"]:
         importlib.import_module(module)  # an application's own tasks, declared on our lanes
-    tasks.bind_app(app)
     lane = lanes.LANES[lane_name]
     engine = db.engine
 
@@ -73,10 +75,6 @@ def worker_command(lane_name: str) -> None:
 def export_command(dataset_name: str, email: str, params: tuple[str, ...], fmt: str,
                    output: str) -> None:
     """Run an export inline with the same engine, scoped to the user's organisation."""
-    from jobs.engine import Checkpoint, stream
-    from jobs.storage import Part
-    from webapp.auth import find_user
-
     user = find_user(email)
     if user is None:
         raise click.UsageError(f"no user {email!r}")
@@ -114,8 +112,6 @@ def token_group() -> None:
 @click.argument("email")
 def token_create(email: str) -> None:
     """Create a personal API token for EMAIL; it is printed once and stored hashed."""
-    from webapp.auth import create_token, find_user
-
     user = find_user(email)
     if user is None:
         raise click.UsageError(f"no user {email!r}")
@@ -127,10 +123,6 @@ def token_create(email: str) -> None:
 def verify_command(job_ids: tuple[int, ...]) -> None:
     """Check every succeeded export's file (or only these jobs'): present, of the recorded size
     and SHA-256. Prints one line per problem and a summary; exits 1 when a file is damaged."""
-    from sqlalchemy import select
-
-    from jobs.retention import verify
-    from webapp.models import ExportJob, JobState
 
     checked = problems = undigested = 0
     last, seen = 0, set()
@@ -178,8 +170,6 @@ def verify_command(job_ids: tuple[int, ...]) -> None:
 @click.option("--port", envvar="PORT", default=5000, show_default=True)
 def dev_command(port: int) -> None:
     """Run the web app and one consumer per lane together; Ctrl-C stops them all."""
-    from webapp.devserver import run_together
-
     flask = [sys.executable, "-m", "flask"]
     root = Path(__file__).resolve().parent.parent
     sys.exit(run_together(

@@ -7,8 +7,9 @@ import base64
 from flask import Response, abort, request, send_file
 from werkzeug.exceptions import RequestedRangeNotSatisfiable
 
-from jobs.engine import MIME_TYPES, storage
-from webapp.models import ExportJob
+from jobs.engine import MIME_TYPES
+from jobs.models import ExportJob
+from jobs.storage import storage
 
 
 def repr_digest(sha256_hex: str) -> str:

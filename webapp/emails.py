@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from email.utils import make_msgid, parseaddr
 
-from flask import current_app, render_template
+from flask import Flask, current_app, render_template
 from sqlalchemy import select
 
-from jobs import dispatch
+from jobs import dispatch, signals
 from jobs.datasets import DATASETS
-from webapp.models import ExportJob, JobState, OutboundEmail, User, db, utcnow
+from jobs.models import ExportJob, JobState, OutboundEmail, User, db, utcnow
 from webapp.tokens import DownloadGrant, download_token, reset_token
 
 log = logging.getLogger(__name__)
@@ -66,9 +66,19 @@ def download_email(job: ExportJob, key: str, fresh: bool = False) -> OutboundEma
     )
 
 
+def init_app(app: Flask) -> None:
+    """Answer the core's signals for this app: an export that ended emails its owner."""
+    signals.export_finished.connect(_on_export_finished, app, weak=False)
+
+
+def _on_export_finished(_app: Flask, job: ExportJob) -> None:
+    export_finished(job)
+
+
 def export_finished(job: ExportJob) -> None:
-    """Tell the owner how their export ended. Called by the engine before the commit that
-    records the end, so the job's final state and its email are saved together or not at all."""
+    """Tell the owner how their export ended. Called (through jobs.signals.export_finished) by
+    the engine before the commit that records the end, so the job's final state and its email
+    are saved together or not at all."""
     try:
         if job.state == JobState.SUCCEEDED:
             download_email(job, f"export-ready:{job.id}")

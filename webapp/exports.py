@@ -23,9 +23,9 @@ from sqlalchemy import func, select
 
 from jobs import dispatch
 from jobs.datasets import DATASETS, FORMATS, InvalidParams
-from jobs.engine import storage
+from jobs.models import ExportJob, JobState, User, db, locked, utcnow
+from jobs.storage import storage
 from webapp.downloads import send_export
-from webapp.models import ExportJob, JobState, User, db, locked, utcnow
 
 bp = Blueprint("exports", __name__)
 

@@ -23,12 +23,12 @@ from sqlalchemy.exc import IntegrityError
 from wtforms import EmailField, PasswordField
 from wtforms.validators import DataRequired, EqualTo, Length
 
-from jobs.engine import storage
 from jobs.mail import outbox
+from jobs.models import ExportJob, JobState, db
+from jobs.storage import storage
 from webapp import emails
 from webapp.auth import find_user
 from webapp.downloads import send_export
-from webapp.models import ExportJob, JobState, db
 from webapp.tokens import (
     DownloadGrant,
     ExpiredToken,

@@ -12,7 +12,7 @@ from prometheus_client.core import (
 from sqlalchemy import case, extract, func, select, text
 
 from jobs import dispatch, retention
-from webapp.models import ExportJob, JobAttempt, db
+from jobs.models import ExportJob, JobAttempt, db
 
 bp = Blueprint("ops", __name__)
 # Upper bounds (seconds) of the attempt duration histogram: emails to long exports.

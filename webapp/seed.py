@@ -8,7 +8,7 @@ from decimal import Decimal
 
 from sqlalchemy import insert, select, text
 
-from webapp.models import Order, Organisation, Transaction, User, db
+from jobs.models import Order, Organisation, Transaction, User, db
 
 DEV_PASSWORD = "exportdesk"
 ORGANISATIONS = [("Acme", "acme"), ("Globex", "globex"), ("exportdesk", "exportdesk")]

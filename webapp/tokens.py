@@ -9,7 +9,7 @@ from datetime import datetime
 from flask import current_app
 from itsdangerous import BadData, SignatureExpired, URLSafeTimedSerializer
 
-from webapp.models import ExportJob, User, db
+from jobs.models import ExportJob, User, db
 
 DOWNLOAD_SALT = "exportdesk.download-link"
 RESET_SALT = "exportdesk.password-reset"

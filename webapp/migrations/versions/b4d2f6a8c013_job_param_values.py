@@ -23,7 +23,7 @@ def upgrade():
     sa.ForeignKeyConstraint(['job_id'], ['export_jobs.id'], ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('value', 'job_id')
     )
-    # Existing jobs: every parameter value, lowercase, as webapp.models.param_search_values.
+    # Existing jobs: every parameter value, lowercase, as jobs.models.param_search_values.
     each = "json_each" if op.get_bind().dialect.name == "sqlite" else "json_each_text"
     op.execute("INSERT INTO job_param_values (value, job_id) "
                "SELECT DISTINCT lower(p.value), export_jobs.id "

@@ -1,4 +1,5 @@
-"""The data model: organisations, users, export jobs and their attempts, and the demo tables."""
+"""The data model: organisations, users, API tokens, export jobs and their attempts, emails,
+the audit log, and the demo tables: what the workers and the web app both read and write."""
 
 from __future__ import annotations
 
