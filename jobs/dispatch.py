@@ -113,6 +113,18 @@ def reconcile(grace: float) -> list[int]:
         .values(state=JobState.RETRYING, enqueued_at=None, claimed_by=None)
     )
     db.session.commit()
+    # Cancelled while running, its worker died before it could stop: end it as the worker would.
+    stopped = _ids(select(ExportJob.id).where(
+        ExportJob.state == JobState.CANCELLED, ExportJob.lease_expires_at < now,
+        ExportJob.attempts.any(JobAttempt.finished_at.is_(None))))
+    for job_id in stopped:
+        db.session.execute(
+            update(JobAttempt)
+            .where(JobAttempt.job_id == job_id, JobAttempt.finished_at.is_(None))
+            .values(outcome="cancelled", finished_at=now,
+                    error="the worker stopped responding (its lease lapsed)"))
+        db.session.commit()
+        _discard_parts(job_id)
     cutoff = now - timedelta(seconds=grace)
     waiting = ExportJob.state.in_((JobState.QUEUED, JobState.RETRYING))
     unsent = _ids(select(ExportJob.id).where(waiting, ExportJob.enqueued_at.is_(None),
@@ -129,8 +141,25 @@ def reconcile_emails(grace: float) -> list[int]:
     """Send again every email the critical lane does not hold although it waits to be sent:
     queued or retrying for `grace` seconds, attempts left, and its message in neither the
     lane's queue nor its schedule (where Huey keeps its retries). That covers a hand-over that
-    failed (the broker was down at commit) and a message the broker lost. Returns their ids."""
-    cutoff = utcnow() - timedelta(seconds=grace)
+    failed (the broker was down at commit) and a message the broker lost. Returns their ids.
+
+    An email `sending` for longer than the critical lane's hard timeout lost its worker during
+    the send (killed, or its database connection cut): it is retried, so it is sent at least
+    once; the server may have it already if the worker died in the instant between the
+    server's answer and the commit (docs/email.md)."""
+    now = utcnow()
+    stale = now - timedelta(seconds=lanes.critical.settings.timeout + grace)
+    attempts = OutboundEmail.attempts
+    for left, state in ((attempts < EMAIL_ATTEMPTS, EmailState.RETRYING),
+                        (attempts >= EMAIL_ATTEMPTS, EmailState.FAILED)):
+        db.session.execute(
+            update(OutboundEmail)
+            .where(OutboundEmail.state == EmailState.SENDING, OutboundEmail.claimed_at < stale,
+                   left)
+            .values(state=state, error="its worker stopped while sending it")
+        )
+    db.session.commit()
+    cutoff = now - timedelta(seconds=grace)
     lost = _lost(lanes.critical, "send_email", select(OutboundEmail.id).where(
         OutboundEmail.state.in_(EmailState.CLAIMABLE), OutboundEmail.attempts < EMAIL_ATTEMPTS,
         OutboundEmail.created_at <= cutoff))

@@ -398,12 +398,15 @@ def _disarm_hard_timeout() -> None:
         signal.setitimer(signal.ITIMER_REAL, 0)
 
 
-def _reset_session() -> None:
-    """Roll back, also when an alarm interrupted the session half-way through a commit."""
+def _reset_session(job_id: int, attempt_id: int) -> tuple[ExportJob, JobAttempt]:
+    """Roll back, also when an alarm interrupted the session half-way through a commit or the
+    database cut its connection (then the session starts afresh); the job and the attempt,
+    read again, to record how the attempt ended."""
     try:
         db.session.rollback()
     except Exception:
         db.session.close()
+    return db.session.get(ExportJob, job_id), db.session.get(JobAttempt, attempt_id)
 
 
 def _caused_by(exc: BaseException | None, kind: type) -> BaseException | None:
@@ -428,6 +431,7 @@ def run(job_id: int, max_attempts: int) -> None:
         return
     job, attempt = claimed
     claim = f"{attempt.worker}#{attempt.number}"  # as _claim wrote it (the row may change)
+    attempt_id = attempt.id
     # Stop cleanly at a checkpoint just before the lane's hard timeout (SIGALRM) would strike
     # at a random point; the hard limit stays as the backstop for a stuck query.
     limit = lanes.exports.settings.timeout
@@ -459,7 +463,7 @@ def run(job_id: int, max_attempts: int) -> None:
         attempt.error = "another worker took the job over after this one's lease lapsed"
     except (Interrupted, KeyboardInterrupt):  # KeyboardInterrupt: Huey's forced shutdown
         _disarm_hard_timeout()
-        _reset_session()
+        job, attempt = _reset_session(job_id, attempt_id)
         try:
             _save(job.id, claim, commit=False, state=JobState.QUEUED, claimed_by=None,
                   lease_expires_at=None, enqueued_at=None)
@@ -470,7 +474,7 @@ def run(job_id: int, max_attempts: int) -> None:
         raise Interrupted from None
     except Exception as exc:
         _disarm_hard_timeout()
-        _reset_session()
+        job, attempt = _reset_session(job_id, attempt_id)
         timed_out = _caused_by(exc, TaskTimeout)
         error = reason(timed_out or exc)
         retry = not is_permanent(exc) and _tries(job) < max_attempts
@@ -599,18 +603,30 @@ def release_dead_claims() -> list[int]:
     A consumer calls it when it starts and whenever it checks its workers, so an export whose
     worker died resumes within seconds instead of after its lease. A dead worker of another
     host cannot be seen from here: its jobs wait for the lease (jobs.dispatch.reconcile).
+    A job cancelled while running whose worker died before it stopped gets its attempt ended
+    and its parts removed (the worker would have done both).
     """
     prefix = f"{host()}:"
     claims = db.session.execute(
-        select(ExportJob.id, ExportJob.claimed_by).where(
-            ExportJob.state == JobState.RUNNING,
-            ExportJob.claimed_by.startswith(prefix, autoescape=True))
+        select(ExportJob.id, ExportJob.claimed_by, ExportJob.state).where(
+            ExportJob.state.in_((JobState.RUNNING, JobState.CANCELLED)),
+            ExportJob.claimed_by.startswith(prefix, autoescape=True),
+            ExportJob.attempts.any(JobAttempt.finished_at.is_(None)))
     ).all()
     db.session.rollback()
     released = []
-    for job_id, claim in claims:
+    for job_id, claim, state in claims:
         pid = claim[len(prefix):].partition("#")[0]
         if not pid.isdigit() or not _process_gone(int(pid)):
+            continue
+        gone = f"its worker process ({claim.partition('#')[0]}) is gone"
+        if state == JobState.CANCELLED:
+            db.session.execute(
+                update(JobAttempt)
+                .where(JobAttempt.job_id == job_id, JobAttempt.finished_at.is_(None))
+                .values(outcome="cancelled", finished_at=utcnow(), error=gone))
+            db.session.commit()
+            storage().discard_parts(job_id)
             continue
         moved = db.session.execute(
             update(ExportJob)
@@ -623,8 +639,7 @@ def release_dead_claims() -> list[int]:
             db.session.execute(
                 update(JobAttempt)
                 .where(JobAttempt.job_id == job_id, JobAttempt.finished_at.is_(None))
-                .values(outcome="lost", finished_at=utcnow(),
-                        error=f"its worker process ({claim.partition('#')[0]}) is gone")
+                .values(outcome="lost", finished_at=utcnow(), error=gone)
             )
         db.session.commit()
         if moved:

@@ -394,27 +394,38 @@ class LaneConsumer(Consumer):
         _stop_flag = self.stop_flag  # forked workers inherit it: see `stopping()`
 
     def start(self) -> None:
-        self.lane.heartbeat(self.workers)  # before any worker runs a task (Huey then closes
-        super().start()  # the storage connection, so the forked workers open their own)
+        self._survive(self.lane.heartbeat, self.workers)  # before any worker runs a task (Huey
+        super().start()  # then closes the storage connection, so forked workers open their own)
         self._run_check_hooks()
 
     def check_worker_health(self) -> bool:
         healthy = super().check_worker_health()
-        self.lane.heartbeat(self.workers)
+        self._survive(self.lane.heartbeat, self.workers)
         self._run_check_hooks()
         return healthy
 
     def _run_check_hooks(self) -> None:
         for hook in self.lane.check_hooks:
-            try:
-                with self.lane.context():
-                    hook()
-            except Exception:  # a database that does not answer must not stop the consumer
-                log.exception("lane %s: check hook %s failed", self.lane.name, hook.__name__)
+            self._survive(self._in_app_context, hook)
+
+    def _in_app_context(self, hook: Callable[[], None]) -> None:
+        with self.lane.context():
+            hook()
+
+    def _survive(self, step: Callable, *args) -> None:
+        """Run a step of the consumer's own loop; a broker or database that does not answer
+        (Redis restarting, say) is logged and tried again next time, never lets the error
+        escape the loop (Huey's consumer would stop replacing its dead workers)."""
+        try:
+            step(*args)
+        except Exception:
+            log.exception("lane %s: %s failed; trying again at the next check", self.lane.name,
+                          getattr(step, "__name__", step))
 
     def stop(self, graceful: bool = False) -> None:
         super().stop(graceful)
-        self.lane.storage.delete_data(f"{CONSUMER}{socket.gethostname()}:{os.getpid()}")
+        self._survive(self.lane.storage.delete_data,
+                      f"{CONSUMER}{socket.gethostname()}:{os.getpid()}")
 
 
 critical = Lane("critical")

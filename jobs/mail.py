@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import smtplib
 import ssl
+import time
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.utils import formatdate
@@ -13,6 +14,7 @@ from typing import Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from flask import current_app
+from sqlalchemy import exc as sa_exc
 from sqlalchemy import update
 
 from jobs.lanes import critical
@@ -135,7 +137,8 @@ def _claim(email_id: int, max_attempts: int) -> OutboundEmail | None:
         update(OutboundEmail)
         .where(OutboundEmail.id == email_id, OutboundEmail.state.in_(EmailState.CLAIMABLE),
                OutboundEmail.attempts < max_attempts)
-        .values(state=EmailState.SENDING, attempts=OutboundEmail.attempts + 1)
+        .values(state=EmailState.SENDING, attempts=OutboundEmail.attempts + 1,
+                claimed_at=utcnow())
     ).rowcount
     db.session.commit()
     return db.session.get(OutboundEmail, email_id) if claimed else None
@@ -164,9 +167,23 @@ def deliver(email_id: int, max_attempts: int) -> None:
         if retry and ended:
             raise DeliveryFailed(error) from exc
         return
-    email.state = EmailState.SENT
-    email.sent_at = utcnow()
-    email.error = None
-    db.session.commit()
+    _record_sent(email_id)
     log.info("email %s sent as %s", email_id, email.message_id)
+
+
+def _record_sent(email_id: int) -> None:
+    """The server has the message: record it, trying again on a new connection when the
+    database dropped ours just now (sending again would be a duplicate)."""
+    db.session.rollback()
+    for pause in (0.2, 1.0, 3.0, None):
+        try:
+            with db.engine.begin() as conn:
+                conn.execute(update(OutboundEmail).where(OutboundEmail.id == email_id)
+                             .values(state=EmailState.SENT, sent_at=utcnow(), error=None))
+            return
+        except sa_exc.DBAPIError:
+            if pause is None:
+                raise
+            log.warning("email %s sent, but not yet recorded: trying again", email_id)
+            time.sleep(pause)
 

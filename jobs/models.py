@@ -254,6 +254,7 @@ class OutboundEmail(db.Model):
         ForeignKey("export_jobs.id", ondelete="SET NULL"), index=True, default=None
     )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    claimed_at: Mapped[datetime | None] = mapped_column(default=None)  # its last attempt began
     sent_at: Mapped[datetime | None] = mapped_column(default=None)
 
 

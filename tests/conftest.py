@@ -266,10 +266,12 @@ def sending(app, smtp, monkeypatch):
 def consumer(lane: str, broker_url: str, instance: Path, log: Path, **env: str):
     """`flask worker LANE` as a real process; SIGINT and a kill of its group at the end.
 
-    Its reconciler runs once at start (RECONCILE_INTERVAL=3600) and it knows the probe tasks
-    of tests/lane_probe.py; `env` overrides anything, e.g. DATABASE_URL for a private one."""
+    Its reconciler runs once at start (RECONCILE_INTERVAL=3600) and leaves alone what other
+    tests left waiting in the shared database (RECONCILE_GRACE=3600), so a lane under test
+    holds only the test's own work; it knows the probe tasks of tests/lane_probe.py; `env`
+    overrides anything, e.g. DATABASE_URL for a private one."""
     full_env = {**os.environ, "INSTANCE_PATH": str(instance), "FLASK_APP": "webapp",
-                "RECONCILE_INTERVAL": "3600",
+                "RECONCILE_INTERVAL": "3600", "RECONCILE_GRACE": "3600",
                 "BROKER_URL": broker_url, "TASK_MODULES": "lane_probe",
                 "PYTHONPATH": str(TESTS), "PYTHONUNBUFFERED": "1", **env}
     proc = subprocess.Popen([sys.executable, "-m", "flask", "worker", lane], cwd=ROOT,

@@ -164,3 +164,40 @@ def test_a_resume_never_trusts_a_damaged_file_it_starts_over_and_says_why(
         assert not list((instance / "exports").glob(f"job-{job_id}.*.part"))
     admin = login(app.test_client(), "admin@exportdesk.test")
     assert note in html.unescape(admin.get(f"/admin/jobs/{job_id}").get_data(as_text=True))
+
+
+def test_an_attempt_is_recorded_also_when_the_database_cut_the_connection(app, monkeypatch):
+    """The connection dropped (pg_terminate_backend, a failover) so the session cannot even
+    roll back: the attempt still ends as failed, and the job is retried at once, not after its
+    lease."""
+    from sqlalchemy import exc as sa_exc
+    from sqlalchemy.orm import Session
+    from test_cancel_retry import load, make_job
+
+    from jobs import engine
+
+    real_batches, real_rollback = fastcsv.batches, Session.rollback
+
+    def rollback_once_cut(self):
+        monkeypatch.setattr(Session, "rollback", real_rollback)
+        raise sa_exc.OperationalError("ROLLBACK", {}, Exception("server closed the connection"))
+
+    def connection_cut(*args, **kwargs):
+        for n, batch in enumerate(real_batches(*args, **kwargs)):
+            if n == 2:
+                monkeypatch.setattr(Session, "rollback", rollback_once_cut)
+                raise sa_exc.OperationalError("SELECT", {}, Exception("terminating connection"))
+            yield batch
+
+    monkeypatch.setattr(fastcsv, "batches", connection_cut)
+    job_id = make_job(app)
+    with app.app_context(), pytest.raises(engine.AttemptFailed) as failed:
+        engine.run(job_id, max_attempts=3)
+    assert failed.value.retry
+    job = load(app, job_id)
+    assert job.state == "retrying" and "terminating connection" in job.error
+    with app.app_context():
+        from jobs.models import ExportJob, db
+
+        attempt = db.session.get(ExportJob, job_id).attempts[0]
+        assert attempt.outcome == "failed" and attempt.finished_at is not None

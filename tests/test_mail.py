@@ -11,7 +11,7 @@ from mailserver import MailServer, html_of, links_in, self_signed_cert, text_of
 from sqlalchemy import select
 
 from jobs import lanes, mail
-from jobs.models import EmailState, ExportJob, JobState, OutboundEmail, db
+from jobs.models import EmailState, ExportJob, JobState, OutboundEmail, db, utcnow
 from jobs.storage import storage
 from webapp.auth import find_user
 
@@ -307,3 +307,61 @@ def test_reconciler_resends_emails_whose_hand_over_was_lost(app, sending, tmp_pa
     assert sending.wait_for(lambda m: m["Subject"] == "Lost in hand-over")
     with app.app_context():
         assert db.session.get(OutboundEmail, lost_id).state == EmailState.SENT
+
+
+def test_an_email_whose_worker_died_while_sending_is_sent_again(app, sending, tmp_path,
+                                                                  monkeypatch):
+    """Stuck in `sending` (its worker killed, or its commit cut by the database) for longer
+    than the critical lane's hard timeout: retried, so it is sent at least once."""
+    from jobs import tasks
+
+    monkeypatch.setitem(app.config, "EXPORT_DIR", str(tmp_path))
+    with app.app_context():
+        stuck = OutboundEmail(key="test:stuck", kind="test", to_address="alice@acme.test",
+                              subject="Stuck while sending", text_body="hello",
+                              html_body="<p>hi", message_id="<stuck@exportdesk.test>",
+                              state=EmailState.SENDING, attempts=1,
+                              claimed_at=utcnow() - timedelta(seconds=5),
+                              created_at=utcnow() - timedelta(minutes=10))
+        db.session.add(stuck)
+        db.session.commit()
+        stuck_id = stuck.id
+        tasks.reconcile.call_local()
+        assert db.session.get(OutboundEmail, stuck_id).state == EmailState.SENDING, \
+            "not before the hard timeout: it may still be sending"
+        db.session.get(OutboundEmail, stuck_id).claimed_at -= timedelta(minutes=5)
+        db.session.commit()
+    with app.app_context():
+        tasks.reconcile.call_local()
+    assert sending.wait_for(lambda m: m["Subject"] == "Stuck while sending")
+    with app.app_context():
+        email = db.session.get(OutboundEmail, stuck_id)
+        assert (email.state, email.attempts) == (EmailState.SENT, 2)
+
+
+def test_a_sent_email_is_recorded_sent_also_when_the_database_drops_the_first_commit(
+        app, sending, monkeypatch):
+    from sqlalchemy import exc as sa_exc
+    from sqlalchemy.engine import Connection
+
+    from jobs import mail
+
+    real_execute, calls = Connection.execute, []
+
+    def drop_once(self, statement, *args, **kwargs):
+        if not calls and "UPDATE outbound_emails" in str(statement) and "sent_at" in str(
+                statement):
+            calls.append(1)
+            raise sa_exc.OperationalError("UPDATE", {}, Exception("connection reset"))
+        return real_execute(self, statement, *args, **kwargs)
+
+    monkeypatch.setattr(Connection, "execute", drop_once)
+    with app.app_context():
+        email = OutboundEmail(key="test:drop", kind="test", to_address="alice@acme.test",
+                              subject="Dropped commit", text_body="hello", html_body="<p>hi",
+                              message_id="<drop@exportdesk.test>")
+        db.session.add(email)
+        db.session.commit()
+        mail.deliver(email.id, 4)
+        assert calls and db.session.get(OutboundEmail, email.id).state == EmailState.SENT
+    assert len([m for m in sending.messages if m["Subject"] == "Dropped commit"]) == 1

@@ -1,4 +1,5 @@
-"""each published file's SHA-256 on its job, and a note on each attempt (e.g. "started over")
+"""each published file's SHA-256 on its job, a note on each attempt (e.g. "started over"), and
+when an email's last attempt began (a send that never ended is tried again)
 
 Revision ID: f1b3d5e7a902
 Revises: e5a7c9d1f203
@@ -21,9 +22,13 @@ def upgrade():
         batch_op.add_column(sa.Column('sha256', sa.String(length=64), nullable=True))
     with op.batch_alter_table('job_attempts', schema=None) as batch_op:
         batch_op.add_column(sa.Column('note', sa.Text(), nullable=True))
+    with op.batch_alter_table('outbound_emails', schema=None) as batch_op:
+        batch_op.add_column(sa.Column('claimed_at', sa.DateTime(), nullable=True))
 
 
 def downgrade():
+    with op.batch_alter_table('outbound_emails', schema=None) as batch_op:
+        batch_op.drop_column('claimed_at')
     with op.batch_alter_table('job_attempts', schema=None) as batch_op:
         batch_op.drop_column('note')
     with op.batch_alter_table('export_jobs', schema=None) as batch_op:
