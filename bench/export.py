@@ -64,8 +64,9 @@ def export_sql(database_url: str) -> str:
     engine's COPY query; on SQLite the same values, formatted in SQL as a sqlite3 user would."""
     from sqlalchemy import create_engine, text
 
+    from jobs.csvrows import FORMULA_PREFIXES
     from jobs.datasets import DATASETS
-    from jobs.fastcsv import FORMULA_PREFIXES, copy_query
+    from jobs.postgres_pages import copy_query
 
     engine = create_engine(database_url)
     with engine.connect() as conn:

@@ -1,1 +1,2 @@
-"""The Huey side of exportdesk: lanes, tasks, the export engine and the datasets it reads."""
+"""The core of exportdesk: data model, datasets, lanes, dispatch, engine, storage, mail; it never
+imports webapp (docs/architecture.md)."""

@@ -161,9 +161,3 @@ DATASETS: dict[str, Dataset] = {
         ),
     )
 }
-
-FORMATS = {
-    "csv": "CSV (UTF-8)",
-    "csv.gz": "CSV, gzip-compressed",
-    "xlsx": "Excel (.xlsx)",
-}

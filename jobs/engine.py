@@ -1,4 +1,4 @@
-"""The export engine: keyset batches streamed to a part file, checkpointed, resumable exactly."""
+"""The export engine: claim a job, keep its lease, save its checkpoints, run it to its file."""
 
 from __future__ import annotations
 
@@ -9,215 +9,24 @@ import signal
 import socket
 import threading
 import time
-import zlib
-from collections import Counter
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from datetime import datetime, timedelta
 from traceback import format_exception
 
-from flask import current_app, has_app_context
+from flask import current_app
 from huey.exceptions import TaskTimeout
-from redis import exceptions as redis_exc
-from sqlalchemy import Connection, func, select, update
-from sqlalchemy import exc as sa_exc
+from sqlalchemy import func, select, update
 
-from jobs import dispatch, fastcsv, lanes, signals
-from jobs.datasets import DATASETS, Dataset, InvalidParams
-from jobs.fastcsv import neutralise
+from jobs import dispatch, lanes, signals
+from jobs.checkpoints import Checkpoint, fault, record_checkpoint
+from jobs.datasets import DATASETS
+from jobs.failures import AttemptFailed, PermanentFailure, caused_by, is_permanent, reason
+from jobs.formats import RESUMABLE, stream
 from jobs.models import ExportJob, JobAttempt, JobState, User, db, locked, utcnow
-from jobs.storage import LocalStorage, Part, Prefix, storage
+from jobs.storage import LocalStorage, Prefix, storage
 
 log = logging.getLogger(__name__)
-
-MIME_TYPES = {
-    "csv": "text/csv",  # Flask adds "; charset=utf-8" to text types
-    "csv.gz": "application/gzip",
-    "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
-}
-XLSX_MAX_ROWS = 1_048_575  # Excel's sheet limit, less the header row
-RESUMABLE = {"csv", "csv.gz"}  # xlsx is one zip written at the end: it restarts from zero
-
-
-def _format_text(v) -> str:
-    return neutralise(str(v))
-
-
-# Typed cells for xlsx: numbers stay numbers (negative amounts included), dates stay dates.
-XLSX_CELLS: dict[str, Callable] = {
-    "int": int,
-    "money": float,
-    "datetime": lambda v: v,
-    "text": _format_text,
-}
-
-
-@dataclass
-class Checkpoint:
-    """How far a part file is known to be good: on disk (fsynced) and recorded in the job row.
-
-    `part` names the claim's part file that holds the `bytes` bytes, `sha256` is their digest
-    (a resume checks both before writing on), and `complete` says every row is in them: the
-    export only needs publishing.
-    """
-
-    last_key: object = None
-    rows: int = 0
-    bytes: int = 0
-    sha256: str = ""
-    part: str | None = None
-    complete: bool = False
-
-    @classmethod
-    def from_json(cls, data: dict | None) -> Checkpoint:
-        return cls(**data) if data else cls()
-
-
-_faults_seen: Counter = Counter()
-
-
-def fault(step: str) -> None:
-    """Tests only: SIGKILL this worker's process group at the step FAULT_INJECT names.
-
-    FAULT_INJECT is "step" or "step:n" (the n-th time this process reaches it). Steps, in the
-    order an export meets them: written (bytes written, not yet fsynced), synced (fsynced, the
-    checkpoint not yet committed), checkpointed (committed), final (the last bytes fsynced,
-    the final checkpoint not yet committed), published (the file renamed into place, the job
-    not yet marked succeeded), committed (marked succeeded, the email not yet handed to its
-    lane). Refused in production (webapp.config).
-    """
-    spec = current_app.config.get("FAULT_INJECT", "") if has_app_context() else ""
-    name, _, nth = spec.partition(":")
-    if name != step:
-        return
-    _faults_seen[step] += 1
-    if _faults_seen[step] >= int(nth or 1):
-        log.warning("FAULT_INJECT: killing this consumer at step %r", spec)
-        os.killpg(os.getpgrp(), signal.SIGKILL)
-
-
-def _checkpoint(out: Part, position: Checkpoint, on_checkpoint: Callable[[Checkpoint], None],
-                complete: bool = False) -> None:
-    """Fsync, then record: a checkpoint never counts a byte that is not on disk."""
-    fault("written")
-    out.sync()
-    fault("final" if complete else "synced")
-    position.bytes, position.sha256 = out.size, out.sha256
-    position.part, position.complete = out.name, complete
-    on_checkpoint(replace(position))
-    fault("checkpointed")
-
-
-class Cancelled(Exception):
-    """The job was cancelled while it ran: stop between batches."""
-
-
-class TooManyRows(ValueError):
-    """The export does not fit the chosen format (xlsx holds about a million rows)."""
-
-
-def stream(
-    conn: Connection,
-    dataset: Dataset,
-    org_id: int,
-    params: dict[str, str],
-    out: Part,
-    start: Checkpoint,
-    on_checkpoint: Callable[[Checkpoint], None],
-    batch_rows: int = 5000,
-    interval: float = 0.5,
-    fmt: str = "csv",
-    bom: bool = False,
-) -> Checkpoint:
-    """Write the dataset in `fmt` to `out` from `start`; call on_checkpoint a few times a second.
-
-    `out` must already hold exactly the `start.bytes` good bytes of `start`. A checkpoint is
-    reported only after the bytes it counts are fsynced, so a resume from it is byte-identical;
-    the last one is `complete`. csv.gz closes a gzip member at every checkpoint (concatenated
-    members are one valid gzip stream), so it resumes like csv. xlsx always starts from zero.
-    """
-    if fmt == "xlsx":
-        return _stream_xlsx(conn, dataset, org_id, params, out, on_checkpoint, batch_rows,
-                            interval)
-    if fmt not in RESUMABLE:
-        raise InvalidParams({"format": f"unknown format {fmt!r}"})
-    position = Checkpoint(start.last_key, start.rows)
-    gzip_member: list = []  # the open member's compressor, if any
-
-    def emit(data: bytes) -> None:
-        if fmt == "csv.gz":
-            if not gzip_member:
-                gzip_member.append(zlib.compressobj(6, zlib.DEFLATED, 31))  # 31: gzip framing
-            data = gzip_member[0].compress(data)
-        out.write(data)
-
-    def checkpoint(complete: bool = False) -> None:
-        if gzip_member:
-            out.write(gzip_member.pop().flush())
-        _checkpoint(out, position, on_checkpoint, complete)
-
-    if out.size == 0:
-        emit(("\ufeff".encode() if bom else b"") + fastcsv.header(dataset))
-    last_checkpoint = time.monotonic()
-    pages = fastcsv.batches(conn, dataset, org_id, params, position.last_key, batch_rows)
-    try:
-        for batch in pages:
-            emit(batch.data)
-            position.rows += batch.rows
-            position.last_key = batch.last_key
-            if time.monotonic() - last_checkpoint >= interval:
-                checkpoint()
-                last_checkpoint = time.monotonic()
-    finally:
-        pages.close()  # also on cancel: stop reading ahead
-    checkpoint(complete=True)
-    return position
-
-
-def _stream_xlsx(conn: Connection, dataset: Dataset, org_id: int, params: dict[str, str],
-                 out: Part, on_checkpoint: Callable[[Checkpoint], None], batch_rows: int,
-                 interval: float) -> Checkpoint:
-    """One sheet with typed cells, in XlsxWriter's constant_memory mode (rows go to a temp
-    file as they come; the zip is written at the end, streamed through `out`, which hashes it).
-    Checkpoints report progress only, but the last, which records the finished file."""
-    import xlsxwriter
-
-    book = xlsxwriter.Workbook(out, {
-        "constant_memory": True, "strings_to_formulas": False, "strings_to_numbers": False,
-        "strings_to_urls": False, "default_date_format": "yyyy-mm-dd hh:mm:ss",
-    })
-    sheet = book.add_worksheet(dataset.name[:31])
-    money = book.add_format({"num_format": "0.00"})
-    for i, column in enumerate(dataset.columns):
-        if column.kind == "money":
-            sheet.set_column(i, i, 12, money)
-        elif column.kind == "datetime":
-            sheet.set_column(i, i, 19)
-    sheet.write_row(0, 0, dataset.column_names)
-    cells = [XLSX_CELLS[c.kind] for c in dataset.columns]
-    key_index = dataset.column_names.index(dataset.key)
-    position = Checkpoint()
-    last_checkpoint = time.monotonic()
-    while True:
-        rows = conn.execute(dataset.batch(org_id, params, position.last_key, batch_rows)).all()
-        if not rows:
-            break
-        if position.rows + len(rows) > XLSX_MAX_ROWS:
-            book.close()
-            raise TooManyRows(f"An xlsx sheet holds at most {XLSX_MAX_ROWS:,} rows; "
-                              "choose csv or csv.gz, or narrow the filters.")
-        for n, row in enumerate(rows, start=position.rows + 1):
-            sheet.write_row(n, 0, [cell(v) if v is not None else None
-                                   for cell, v in zip(cells, row, strict=True)])
-        position.rows += len(rows)
-        position.last_key = rows[-1][key_index]
-        if time.monotonic() - last_checkpoint >= interval:
-            on_checkpoint(Checkpoint(position.last_key, position.rows))
-            fault("checkpointed")
-            last_checkpoint = time.monotonic()
-    book.close()
-    _checkpoint(out, position, on_checkpoint, complete=True)
-    return position
 
 
 def host() -> str:
@@ -230,8 +39,8 @@ def worker_name() -> str:
     return f"{host()}:{os.getpid()}"
 
 
-class PermanentFailure(Exception):
-    """Retrying cannot help (bad parameters, a dataset that is gone): fail at once, say why."""
+class Cancelled(Exception):
+    """The job was cancelled while it ran: stop between batches."""
 
 
 class LostClaim(Exception):
@@ -244,57 +53,6 @@ class Deferred(Exception):
 
 class Interrupted(Exception):
     """The consumer is shutting down: the job was checkpointed and must go back on its lane."""
-
-
-TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
-    ConnectionError,  # includes refused and reset connections
-    TimeoutError,
-    TaskTimeout,
-    sa_exc.OperationalError,  # lost or refused database connection, lock and statement timeouts
-    sa_exc.TimeoutError,  # no connection free in the pool
-    redis_exc.ConnectionError,
-    redis_exc.TimeoutError,
-)
-
-
-STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO,
-                  errno.ENOTDIR, errno.EISDIR}
-
-
-def is_permanent(exc: BaseException) -> bool:
-    return isinstance(exc, InvalidParams | PermanentFailure | TooManyRows)
-
-
-def is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, sa_exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(exc, TRANSIENT_ERRORS)
-
-
-def reason(exc: BaseException) -> str:
-    """A one-line reason a user can read (SQLAlchemy appends SQL and links on later lines)."""
-    first = (str(exc).strip().splitlines() or [""])[0][:300]
-    if isinstance(exc, InvalidParams):
-        return f"Invalid parameters: {first}"
-    if isinstance(exc, PermanentFailure | TooManyRows):
-        return first
-    if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
-        where = f" ({exc.filename})" if exc.filename else ""
-        return f"Storage error: {os.strerror(exc.errno)}{where}"
-    if isinstance(exc, TaskTimeout):
-        return f"TaskTimeout: the attempt ran past the lane's hard limit ({first})"
-    if is_transient(exc):
-        return f"Temporary failure ({type(exc).__name__}): {first}"
-    return f"{type(exc).__name__}: {first}"
-
-
-class AttemptFailed(Exception):
-    """An attempt ended in error; `retry` says whether the job goes back on its lane."""
-
-    def __init__(self, error: str, retry: bool, attempt: int = 1):
-        super().__init__(error)
-        self.retry = retry
-        self.attempt = attempt
 
 
 def _lease() -> timedelta:
@@ -409,15 +167,6 @@ def _reset_session(job_id: int, attempt_id: int) -> tuple[ExportJob, JobAttempt]
     return db.session.get(ExportJob, job_id), db.session.get(JobAttempt, attempt_id)
 
 
-def _caused_by(exc: BaseException | None, kind: type) -> BaseException | None:
-    """The `kind` exception behind exc, also when a driver wrapped it (SQLAlchemy does)."""
-    while exc is not None:
-        if isinstance(exc, kind):
-            return exc
-        exc = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
-    return None
-
-
 def run(job_id: int, max_attempts: int) -> None:
     """Run (or resume) one export job to the end, recording the attempt.
 
@@ -475,7 +224,7 @@ def run(job_id: int, max_attempts: int) -> None:
     except Exception as exc:
         _disarm_hard_timeout()
         job, attempt = _reset_session(job_id, attempt_id)
-        timed_out = _caused_by(exc, TaskTimeout)
+        timed_out = caused_by(exc, TaskTimeout)
         error = reason(timed_out or exc)
         retry = not is_permanent(exc) and _tries(job) < max_attempts
         keep_part = retry and _may_keep_part(exc, files)
@@ -537,7 +286,7 @@ def _export(job: ExportJob, attempt: JobAttempt, claim: str, files: LocalStorage
             start = Checkpoint()
         elif keep:  # the copy is this claim's now: say so before the old part goes
             start = replace(start)
-            _checkpoint(out, start, on_checkpoint, complete=start.complete)
+            record_checkpoint(out, start, on_checkpoint, complete=start.complete)
         files.discard_parts(job.id, keep=out.name)
         if start.complete:  # every row is in the copied prefix
             position = start
@@ -572,7 +321,7 @@ def _may_keep_part(exc: BaseException, files: LocalStorage) -> bool:
     """Whether a failed attempt that will be retried keeps its part to resume from: not when
     the disk is full (the part would fail the next export too), nor beyond EXPORT_PARTS_BUDGET
     bytes of parts on disk."""
-    full = _caused_by(exc, OSError)
+    full = caused_by(exc, OSError)
     if full is not None and full.errno in (errno.ENOSPC, errno.EDQUOT):
         return False
     try:

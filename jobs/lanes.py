@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+import signal
 import socket
 import time
 import tomllib
@@ -20,8 +21,8 @@ from huey import signals as S
 from huey.api import TaskWrapper
 from huey.constants import EmptyData
 from huey.consumer import Consumer, ForkSafeFlag, Scheduler
-from huey.storage import BaseStorage, RedisStorage, SqliteStorage
-from redis import ConnectionPool
+
+from jobs.lane_storage import LaneStorage, MemoryLaneStorage, open_storage
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +67,6 @@ class LaneSettings:
         return cls(**values)
 
 
-class UnconfiguredStorage(BaseStorage):
-    """Stands in until `configure` picks the real storage, so nothing is queued by accident."""
-
-    def enqueue(self, data, priority=None):
-        raise RuntimeError(f"lane {self.name!r} is not configured: call jobs.lanes.configure()")
-
-
 # Keys of the lane's own ledger, kept in its storage beside the queue (see `health`).
 ENQUEUED, RUNNING, CONSUMER = "ledger:enqueued:", "ledger:running:", "ledger:consumer:"
 PERIODIC = "ledger:periodic:"
@@ -109,16 +103,14 @@ def stopping() -> bool:
     return _stop_flag is not None and _stop_flag.is_set()
 
 
-def _minute(ts: float) -> int:
-    return int(ts // 60)
-
-
 class Lane(Huey):
     """A Huey instance whose storage (SQLite file or Redis keys) is chosen by `configure`.
 
     It keeps a small ledger in its own storage (enqueue times, running tasks, consumer
     heartbeats, per-minute counters) so that `health()` answers for every consumer on any host.
     """
+
+    storage: LaneStorage
 
     def __init__(self, name: str):
         self.settings = LaneSettings.load(name)
@@ -148,26 +140,17 @@ class Lane(Huey):
         self.check_hooks.append(hook)
         return hook
 
-    def get_storage(self, **kwargs) -> BaseStorage:
-        if self.broker_url.startswith(("redis://", "rediss://", "unix://")):
-            # A broker that does not answer must fail a submission fast, not hang a request:
-            # the job stays recorded and the reconciler sends it later.
-            pool = ConnectionPool.from_url(self.broker_url, socket_connect_timeout=5)
-            return RedisStorage(self.name, connection_pool=pool, blocking=True, read_timeout=1)
-        if self.queue_dir is not None:
-            return SqliteStorage(
-                self.name, filename=str(self.queue_dir / f"queue-{self.name}.db"), timeout=30
-            )
-        return UnconfiguredStorage(self.name)
+    def get_storage(self, **kwargs) -> LaneStorage:
+        """The lane's storage, chosen once (by `configure`): Redis or SQLite, see open_storage."""
+        return open_storage(self.name, self.broker_url, self.queue_dir)
+
+    def get_immediate_storage(self) -> LaneStorage:
+        return MemoryLaneStorage(self.name)
 
     def configure(self, broker_url: str, queue_dir: Path) -> None:
         self.broker_url, self.queue_dir = broker_url, Path(queue_dir)
         if not self.immediate:
             self.storage = self.create_storage()
-
-    @property
-    def redis(self) -> bool:
-        return isinstance(self.storage, RedisStorage)
 
     def task(self, **kwargs) -> Callable:
         """Declare a task on this lane, with the lane's timeout and retry policy as defaults."""
@@ -259,26 +242,12 @@ class Lane(Huey):
         ("send_email" or its full name "jobs.tasks.send_email") that this lane holds: in its
         queue, or in its schedule (delayed messages and Huey's retries wait there).
 
-        Queue and schedule are read at one instant (one SQL statement; one MULTI on Redis), so
+        Queue and schedule are read at one instant (`LaneStorage.held_messages`), so
         a message the scheduler moves from one to the other meanwhile is seen. A message a
         worker has taken and not finished with is in neither: callers allow for that.
         """
-        storage = self.storage
-        if isinstance(storage, SqliteStorage):
-            rows = storage.sql("select data from schedule where queue = ? union all "
-                               "select data from task where queue = ?", (self.name, self.name),
-                               results=True)
-            raw = [data for (data,) in rows]
-        elif isinstance(storage, RedisStorage):
-            pipe = storage.conn.pipeline(transaction=True)
-            pipe.zrange(storage.schedule_key, 0, -1)
-            pipe.lrange(storage.queue_key, 0, -1)
-            scheduled, queued = pipe.execute()
-            raw = [*scheduled, *queued]
-        else:  # the memory storage of immediate mode
-            raw = [*storage.scheduled_items(), *storage.enqueued_items()]
         ids: set[int] = set()
-        for data in raw:
+        for data in self.storage.held_messages():
             try:
                 message = self.serializer.deserialize(data)
             except Exception:  # unreadable: no worker could run it either
@@ -289,27 +258,8 @@ class Lane(Huey):
         return ids
 
     def minutes(self, count: int = 60) -> list[tuple[int, int, int]]:
-        """(minute, completed, failed) for the last `count` minutes, oldest first.
-
-        Read in one query where the storage allows it: `incr(key, 0)` per minute would be a
-        write transaction each on SQLite.
-        """
-        last = _minute(time.time())
-        span = range(last - count + 1, last + 1)
-        keys = [f"ledger:{kind}:{m}" for m in span for kind in ("completed", "failed")]
-        storage = self.storage
-        if isinstance(storage, SqliteStorage):
-            marks = ",".join("?" * len(keys))
-            rows = storage.sql(f"select key, value from counter where queue = ? and key in "
-                               f"({marks})", (self.name, *keys), results=True)
-            values = {key: int(value) for key, value in rows}
-        elif isinstance(storage, RedisStorage):
-            found = storage.conn.hmget(storage.counter_key, keys)
-            values = {k: int(v) for k, v in zip(keys, found, strict=True) if v is not None}
-        else:
-            values = {key: storage.incr(key, 0) for key in keys}
-        return [(m, values.get(f"ledger:completed:{m}", 0), values.get(f"ledger:failed:{m}", 0))
-                for m in span]
+        """(minute, completed, failed) for the last `count` minutes, oldest first."""
+        return self.storage.minutes(count)
 
     def execute(self, task, timestamp=None):
         """Run a task under this lane's hard timeout, whatever timeout its message carries."""
@@ -327,8 +277,7 @@ class Lane(Huey):
             storage.put_data(RUNNING + task.id, json.dumps(info).encode())
         elif signal in (S.SIGNAL_COMPLETE, S.SIGNAL_ERROR, S.SIGNAL_TIMEOUT):
             storage.delete_data(RUNNING + task.id)
-            kind = "completed" if signal == S.SIGNAL_COMPLETE else "failed"
-            storage.incr(f"ledger:{kind}:{_minute(now)}")
+            storage.count("completed" if signal == S.SIGNAL_COMPLETE else "failed", now)
         elif signal == S.SIGNAL_INTERRUPTED:  # stopped by a shutdown: give it back, not lose it
             storage.delete_data(RUNNING + task.id)
             self.enqueue(task)
@@ -351,7 +300,7 @@ class Lane(Huey):
         recent = self.minutes(5)
         return {
             "lane": self.name,
-            "broker": "redis" if self.redis else "sqlite",
+            "broker": self.storage.kind,
             "depth": depth,
             "oldest_wait": round(now - min(enqueued), 3) if depth and enqueued else 0.0,
             "running": len(running) if live else 0,
@@ -387,8 +336,6 @@ class LaneConsumer(Consumer):
     def __init__(self, lane: Lane, **options):
         super().__init__(lane, **options)
         self.lane = lane
-        import signal
-
         self._signal_actions[signal.SIGTERM] = (False, True)  # graceful, like SIGINT
         global _stop_flag
         _stop_flag = self.stop_flag  # forked workers inherit it: see `stopping()`

@@ -1,4 +1,4 @@
-"""Reads an SQLite export's pages as CSV in a process of its own (run by `jobs.fastcsv`).
+"""Reads an SQLite export's pages as CSV in a process of its own (run by `jobs.sqlite_pages`).
 
 ADBC reads each keyset page into Arrow columns and Arrow's C++ kernels format and join them,
 while a second thread already reads the next page. ADBC links its own copy of SQLite, and two
@@ -26,7 +26,7 @@ import pyarrow.compute as pc
 
 from jobs.readahead import read_ahead
 
-FORMULA_PATTERN = r"^[=+\-@\t\r]"  # jobs.fastcsv.FORMULA_PREFIXES, as a regex
+FORMULA_PATTERN = r"^[=+\-@\t\r]"  # jobs.csvrows.FORMULA_PREFIXES, as a regex
 NEEDS_QUOTES_PATTERN = r'[",\r\n]'
 
 

@@ -12,7 +12,7 @@ from conftest import csrf_from
 from expected import expected_rows
 from sqlalchemy import update
 
-from jobs import dispatch, engine, fastcsv, lanes
+from jobs import dispatch, engine, lanes, pages
 from jobs.models import ExportJob, JobAttempt, JobState, db, utcnow
 from jobs.storage import storage
 from webapp.auth import create_token, find_user
@@ -160,7 +160,7 @@ def test_engine_skips_the_message_of_a_cancelled_or_already_claimed_job(app):
 
 def test_failed_attempt_resumes_from_its_checkpoint_a_failed_job_keeps_no_part(
         app, instance, monkeypatch):
-    real_batches = fastcsv.batches
+    real_batches = pages.pages
     batches: list[int] = []
 
     def flaky(*args, **kwargs):
@@ -170,7 +170,7 @@ def test_failed_attempt_resumes_from_its_checkpoint_a_failed_job_keeps_no_part(
                 raise RuntimeError("database went away")
             yield batch
 
-    monkeypatch.setattr(fastcsv, "batches", flaky)
+    monkeypatch.setattr(pages, "pages", flaky)
     job_id = make_job(app)
     with app.app_context(), pytest.raises(engine.AttemptFailed):
         engine.run(job_id, max_attempts=2)

@@ -11,8 +11,10 @@ from conftest import login, run_inline
 from expected import expected_rows
 from sqlalchemy import create_engine, text
 
-from jobs import fastcsv
+from jobs import pages
+from jobs.csvrows import header
 from jobs.datasets import DATASETS
+from jobs.sqlite_pages import ReadFailed
 
 
 def parse(data: bytes) -> list[list[str]]:
@@ -69,8 +71,8 @@ def test_a_failing_sqlite_reader_raises_its_error(tmp_path):
     gone = tmp_path / "gone.db"
     with create_engine(f"sqlite:///{gone}").connect() as conn:
         gone.unlink()
-        with pytest.raises(fastcsv.ReadFailed, match="failed to open"):
-            list(fastcsv.batches(conn, DATASETS["orders"], 1, {}, None, 10))
+        with pytest.raises(ReadFailed, match="failed to open"):
+            list(pages.pages(conn, DATASETS["orders"], 1, {}, None, 10))
 
 
 @pytest.mark.parametrize("size", [1, 7, 500])
@@ -82,20 +84,20 @@ def test_pages_cover_every_row_once_also_rows_added_while_reading(app, database_
     dataset = DATASETS["orders"]
     with app.app_context(), db.engine.connect() as conn:
         org = conn.execute(text("select id from organisations where slug = 'globex'")).scalar()
-        pages = fastcsv.batches(conn, dataset, org, {}, None, size)
-        data = [next(pages).data]
+        reader = pages.pages(conn, dataset, org, {}, None, size)
+        data = [next(reader).data]
         with db.engine.begin() as other:
             added = other.execute(text(
                 "insert into orders (org_id, created_at, customer, total, status, items) "
                 "values (:org, '2026-12-01 10:00:00', 'Late, Customer', 1.5, 'paid', 'x') "
                 "returning id"), {"org": org}).scalar()
         try:
-            data += [page.data for page in pages]
+            data += [page.data for page in reader]
             want = expected_rows(database_url, "orders", "globex")
         finally:
             with db.engine.begin() as other:
                 other.execute(text("delete from orders where id = :id"), {"id": added})
-    got = parse(fastcsv.header(dataset) + b"".join(bytes(d) for d in data))
+    got = parse(header(dataset) + b"".join(bytes(d) for d in data))
     assert got == want and got[-1][0] == str(added)
 
 
@@ -105,7 +107,7 @@ def _kept_part_after_a_failed_attempt(app, monkeypatch) -> int:
 
     from jobs import engine
 
-    real_batches = fastcsv.batches
+    real_batches = pages.pages
 
     def flaky(*args, **kwargs):
         for n, batch in enumerate(real_batches(*args, **kwargs)):
@@ -113,11 +115,11 @@ def _kept_part_after_a_failed_attempt(app, monkeypatch) -> int:
                 raise RuntimeError("database went away")
             yield batch
 
-    monkeypatch.setattr(fastcsv, "batches", flaky)
+    monkeypatch.setattr(pages, "pages", flaky)
     job_id = make_job(app)
     with app.app_context(), pytest.raises(engine.AttemptFailed):
         engine.run(job_id, max_attempts=3)
-    monkeypatch.setattr(fastcsv, "batches", real_batches)
+    monkeypatch.setattr(pages, "pages", real_batches)
     return job_id
 
 
@@ -176,7 +178,7 @@ def test_an_attempt_is_recorded_also_when_the_database_cut_the_connection(app, m
 
     from jobs import engine
 
-    real_batches, real_rollback = fastcsv.batches, Session.rollback
+    real_batches, real_rollback = pages.pages, Session.rollback
 
     def rollback_once_cut(self):
         monkeypatch.setattr(Session, "rollback", real_rollback)
@@ -189,7 +191,7 @@ def test_an_attempt_is_recorded_also_when_the_database_cut_the_connection(app, m
                 raise sa_exc.OperationalError("SELECT", {}, Exception("terminating connection"))
             yield batch
 
-    monkeypatch.setattr(fastcsv, "batches", connection_cut)
+    monkeypatch.setattr(pages, "pages", connection_cut)
     job_id = make_job(app)
     with app.app_context(), pytest.raises(engine.AttemptFailed) as failed:
         engine.run(job_id, max_attempts=3)

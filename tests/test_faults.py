@@ -1,4 +1,4 @@
-"""Fault injection at every named step of an export (FAULT_INJECT, jobs.engine.fault): the
+"""Fault injection at every named step of an export (FAULT_INJECT, jobs.checkpoints.fault): the
 exports consumer is SIGKILLed exactly there, then started again. The file served is the one an
 uninterrupted export writes (csv byte for byte, csv.gz decompressed, xlsx cell for cell), its
 recorded SHA-256 is the served bytes', and exactly one "ready" email reaches the SMTP server."""

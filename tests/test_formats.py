@@ -17,7 +17,8 @@ import pytest
 from conftest import run_inline
 from sqlalchemy import insert
 
-from jobs import engine
+from jobs import formats
+from jobs.checkpoints import Checkpoint
 from jobs.datasets import DATASETS
 from jobs.models import ExportJob, Organisation, Transaction, User, db
 from jobs.storage import LocalStorage, Part, Prefix
@@ -42,8 +43,8 @@ def inline(app, email: str, fmt: str, dataset: str = "transactions", **kw) -> by
         org = find_user(email).org_id
         path = Path(tmp) / "out"
         with Part.create(path) as out:
-            engine.stream(conn, DATASETS[dataset], org, {}, out, engine.Checkpoint(),
-                          lambda cp: None, 300, 0.0, fmt, **kw)
+            formats.stream(conn, DATASETS[dataset], org, {}, out, Checkpoint(),
+                           lambda cp: None, 300, 0.0, fmt, **kw)
         return path.read_bytes()
 
 
@@ -64,7 +65,7 @@ def test_stream_resumes_from_a_checkpoint_byte_for_byte(app, tmp_path, fmt):
     """Crash after the fourth checkpoint, resume from the third (the last one recorded): the
     part file is cut back to it and the export continues to the same bytes."""
     dataset = DATASETS["transactions"]
-    seen: list[engine.Checkpoint] = []
+    seen: list[Checkpoint] = []
 
     class Crash(Exception):
         pass
@@ -78,20 +79,20 @@ def test_stream_resumes_from_a_checkpoint_byte_for_byte(app, tmp_path, fmt):
     with app.app_context(), db.engine.connect() as conn:
         org = find_user("alice@acme.test").org_id
         with Part.create(tmp_path / "whole") as whole:
-            engine.stream(conn, dataset, org, {}, whole, engine.Checkpoint(), lambda c: None,
-                          300, 0.0, fmt)
+            formats.stream(conn, dataset, org, {}, whole, Checkpoint(), lambda c: None,
+                           300, 0.0, fmt)
         first, _ = files.open_part(1, 1, fmt)
         with first, pytest.raises(Crash):
-            engine.stream(conn, dataset, org, {}, first, engine.Checkpoint(), crash_on_fourth,
-                          300, 0.0, fmt)
+            formats.stream(conn, dataset, org, {}, first, Checkpoint(), crash_on_fourth,
+                           300, 0.0, fmt)
         assert seen[2].part == first.name
         assert (tmp_path / first.name).stat().st_size > seen[2].bytes
         second, problem = files.open_part(1, 2, fmt, Prefix(first.name, seen[2].bytes,
                                                              seen[2].sha256))
         with second:
             assert problem is None
-            final = engine.stream(conn, dataset, org, {}, second, seen[2], lambda c: None, 300,
-                                  0.0, fmt)
+            final = formats.stream(conn, dataset, org, {}, second, seen[2], lambda c: None, 300,
+                                   0.0, fmt)
     resumed = (tmp_path / second.name).read_bytes()
     assert resumed == (tmp_path / "whole").read_bytes()
     assert final.sha256 == hashlib.sha256(resumed).hexdigest() and final.complete
@@ -136,7 +137,7 @@ def test_xlsx_holds_the_same_values_with_numbers_as_numbers(app, instance):
 
 
 def test_xlsx_refuses_more_rows_than_a_sheet_holds(app, monkeypatch):
-    monkeypatch.setattr(engine, "XLSX_MAX_ROWS", 100)
+    monkeypatch.setattr(formats, "XLSX_MAX_ROWS", 100)
     job = run_job(app, "alice@acme.test", "xlsx")
     assert job.state == "failed" and "at most 100 rows" in job.error
 

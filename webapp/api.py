@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from flask import Blueprint, abort, jsonify, request, url_for
 from flask_login import current_user, login_required
-from sqlalchemy import select
 
-from jobs import dispatch
+from jobs import dispatch, listing
 from jobs.datasets import InvalidParams
+from jobs.listing import JobFilter
 from jobs.models import ExportJob, db
 from webapp.exports import IdempotencyConflict, TooManyExports, job_for, request_export
+from webapp.views import job_action
 
 PAGE = 50
 
@@ -75,24 +76,11 @@ def create_export_job():
 def list_jobs():
     """My jobs, newest first (admins and viewers: everyone's, with the admin list's filters);
     `?before=<id>` pages on, as the `next` link says."""
-    from webapp.admin import JobFilter
-
     where = JobFilter.from_args(request.args) if current_user.is_staff else JobFilter()
-    conditions = where.job_conditions()
-    if conditions is None:
-        return jsonify(jobs=[], next=None)
-    if not current_user.is_staff:
-        conditions.append(ExportJob.user_id == current_user.id)
     before = request.args.get("before", "")
-    if before.isdigit():
-        conditions.append(where.job_key < int(before))
-    jobs = db.session.scalars(select(ExportJob).where(*conditions)
-                              .order_by(where.job_key.desc()).limit(PAGE + 1),
-                              where.params()).all()
-    following = None
-    if len(jobs) > PAGE:
-        jobs = jobs[:PAGE]
-        following = url_for("api.list_jobs", **where.args(), before=jobs[-1].id)
+    jobs, last = listing.page_of_jobs(where, int(before) if before.isdigit() else None, PAGE,
+                                      None if current_user.is_staff else current_user.id)
+    following = None if last is None else url_for("api.list_jobs", **where.args(), before=last)
     return jsonify(jobs=[job_json(job) for job in jobs], next=following)
 
 
@@ -126,10 +114,7 @@ def retry_job(job_id: int):
 def _change(job_id: int, change):
     """Cancel or retry, as the buttons do: 202 with the job, 409 when its state does not allow."""
     job = job_for(current_user, job_id)
-    try:
-        change(job)
-    except dispatch.WrongState as exc:
-        db.session.rollback()
-        return jsonify(error=str(exc), state=job.state), 409
-    db.session.commit()
+    reason = job_action(job, change)
+    if reason is not None:
+        return jsonify(error=reason, state=job.state), 409
     return jsonify(job_json(job)), 202

@@ -13,6 +13,7 @@ from wtforms.validators import DataRequired
 
 from jobs.models import ApiToken, User, db
 from webapp.extensions import csrf, login_manager
+from webapp.views import is_htmx
 
 bp = Blueprint("auth", __name__)
 login_manager.login_view = "auth.login"
@@ -43,7 +44,7 @@ def load_user_from_token(_request) -> User | None:
 def unauthorized():
     if request.path.startswith("/api/"):
         return jsonify(error="authentication required"), 401
-    if request.headers.get("HX-Request") == "true":
+    if is_htmx():
         # a poll after the session ended: send the whole page to the login form, not a fragment
         page = urlsplit(request.headers.get("HX-Current-URL", "")).path or request.path
         return "", 401, {"HX-Redirect": url_for("auth.login", next=page)}

@@ -14,8 +14,9 @@ from flask import Flask, current_app
 from sqlalchemy import select
 
 from jobs import lanes
-from jobs.datasets import DATASETS, FORMATS, InvalidParams
-from jobs.engine import Checkpoint, stream
+from jobs.checkpoints import Checkpoint
+from jobs.datasets import DATASETS, InvalidParams
+from jobs.formats import FORMATS, stream
 from jobs.models import ExportJob, JobState, db
 from jobs.retention import verify
 from jobs.storage import Part
@@ -58,8 +59,7 @@ def worker_command(lane_name: str) -> None:
     def after_fork() -> None:
         engine.dispose(close=False)  # never share the parent's database connections
         for each in lanes.LANES.values():
-            if hasattr(each.storage, "_conn"):
-                each.storage._conn = None  # nor its SQLite queue connection
+            each.storage.after_fork()  # nor its queue connection (SQLite)
 
     os.register_at_fork(after_in_child=after_fork)
     click.echo(f"lane {lane_name}: {lane.settings} on {lane.storage.__class__.__name__}")

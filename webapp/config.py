@@ -39,7 +39,7 @@ def _flag(name: str, default: bool) -> bool:
 
 
 def _fault_injection(production: bool) -> str:
-    """FAULT_INJECT (tests only: jobs.engine.fault) kills workers on purpose: never in
+    """FAULT_INJECT (tests only: jobs.checkpoints.fault) kills workers on purpose: never in
     production."""
     step = os.environ.get("FAULT_INJECT", "")
     if step and production:

@@ -7,7 +7,7 @@ import base64
 from flask import Response, abort, request, send_file
 from werkzeug.exceptions import RequestedRangeNotSatisfiable
 
-from jobs.engine import MIME_TYPES
+from jobs.formats import MIME_TYPES
 from jobs.models import ExportJob
 from jobs.storage import storage
 

@@ -8,11 +8,9 @@ from datetime import datetime
 
 from flask import (
     Blueprint,
-    Response,
     abort,
     current_app,
     flash,
-    make_response,
     redirect,
     render_template,
     request,
@@ -22,10 +20,12 @@ from flask_login import current_user, login_required
 from sqlalchemy import func, select
 
 from jobs import dispatch
-from jobs.datasets import DATASETS, FORMATS, InvalidParams
+from jobs.datasets import DATASETS, InvalidParams
+from jobs.formats import FORMATS
 from jobs.models import ExportJob, JobState, User, db, locked, utcnow
 from jobs.storage import storage
 from webapp.downloads import send_export
+from webapp.views import is_htmx, job_action, refused, render
 
 bp = Blueprint("exports", __name__)
 
@@ -171,18 +171,6 @@ def duration(seconds: float | None) -> str:
     return f"{total // 3600} h {total % 3600 // 60:02d} min"
 
 
-def _render(template: str, status: int = 200, **context) -> Response:
-    """A page or an htmx fragment of the same URL; Vary keeps a browser from showing a cached
-    fragment in place of the full page."""
-    response = make_response(render_template(template, **context), status)
-    response.vary.add("HX-Request")
-    return response
-
-
-def _is_htmx() -> bool:
-    return request.headers.get("HX-Request") == "true"
-
-
 def _my_jobs() -> list[ExportJob]:
     return list(db.session.scalars(
         select(ExportJob).where(ExportJob.user_id == current_user.id)
@@ -239,34 +227,34 @@ def check():
         dataset.clean_params(_form_params())
     except InvalidParams as exc:
         errors.update(exc.errors)
-    return _render("exports/_errors.html", dataset=dataset, errors=errors)
+    return render("exports/_errors.html", dataset=dataset, errors=errors)
 
 
 @bp.get("/exports")
 @login_required
 def index():
-    template = "exports/_list.html" if _is_htmx() else "exports/index.html"
-    return _render(template, jobs=_my_jobs())
+    template = "exports/_list.html" if is_htmx() else "exports/index.html"
+    return render(template, jobs=_my_jobs())
 
 
 @bp.get("/exports/<int:job_id>")
 @login_required
 def show(job_id: int):
     job = job_for(current_user, job_id)
-    if _is_htmx():
-        return _render("exports/_progress.html", job=job, oob=True)
-    return _render("exports/show.html", job=job)
+    if is_htmx():
+        return render("exports/_progress.html", job=job, oob=True)
+    return render("exports/show.html", job=job)
 
 
 def _after_action(job: ExportJob, notice: str | None = None, status: int = 200):
     """Answer a cancel or retry: the part of the page that sent it (htmx), else a redirect."""
     view = request.form.get("view")
-    if _is_htmx():
+    if is_htmx():
         if view == "list":
-            return _render("exports/_list.html", status, jobs=_my_jobs(), notice=notice)
-        return _render("exports/_progress.html", status, job=job, oob=True, notice=notice)
+            return render("exports/_list.html", status, jobs=_my_jobs(), notice=notice)
+        return render("exports/_progress.html", status, job=job, oob=True, notice=notice)
     if notice:
-        return render_template("error.html", status=status, message=notice), status
+        return refused(notice, status)
     if view == "list":
         return redirect(url_for("exports.index"), code=303)
     return redirect(url_for("exports.show", job_id=job.id), code=303)
@@ -296,12 +284,9 @@ def retry(job_id: int):
 def _change(job_id: int, change: Callable[[ExportJob], None]):
     """Cancel or retry for the owner or an admin; 409 with the reason when the state forbids."""
     job = job_for(current_user, job_id)
-    try:
-        change(job)
-    except dispatch.WrongState as exc:
-        db.session.rollback()
-        return _after_action(job, str(exc), 409)
-    db.session.commit()
+    reason = job_action(job, change)
+    if reason is not None:
+        return _after_action(job, reason, 409)
     current_app.logger.info("job %s: %s by user %s", job.id, change.__name__, current_user.id)
     return _after_action(job)
 

@@ -1,81 +1,25 @@
-"""CSV at the database's own speed: PostgreSQL's COPY; for SQLite, Arrow in a reader process.
+"""PostgreSQL's pages as CSV: the server formats every value and writes the CSV itself (COPY).
 
-Both paths write the same bytes, PostgreSQL's COPY CSV format: a field is quoted only when it
-holds a comma, a double quote, CR or LF (quotes doubled inside); NULL and empty text are both an
-empty field; LF ends a row. Text a spreadsheet would run as a formula gets a leading apostrophe.
-Each batch is one keyset page (`Dataset.batch`), so an export can checkpoint after any batch
-and resume after its last key. Literal values in the SQL are validated server-side parameters
-(integers, ISO dates, fixed choices), rendered by SQLAlchemy: COPY cannot take bind parameters.
+Literal values in the SQL are validated server-side parameters (integers, ISO dates, fixed
+choices), rendered by SQLAlchemy: COPY cannot take bind parameters. psycopg is imported where it
+is used, not here: it is the `postgres` extra, and SQLite-only installs import this module too
+(through `jobs.pages`).
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import queue
 import select
-import struct
-import subprocess
-import sys
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from pathlib import Path
 
-from sqlalchemy import (
-    ColumnElement,
-    Connection,
-    Float,
-    Integer,
-    Select,
-    String,
-    Text,
-    bindparam,
-    case,
-    cast,
-    func,
-    literal,
-    literal_column,
-)
+from sqlalchemy import ColumnElement, Connection, Select, String, bindparam, case, func, literal
 from sqlalchemy import exc as sa_exc
 
+from jobs.csvrows import FORMULA_PREFIXES, Batch
 from jobs.datasets import Dataset
-
-FORMULA_PREFIXES = ("=", "+", "-", "@", "\t", "\r")  # also in jobs.sqlite_reader, as a regex
-
-
-@dataclass(frozen=True)
-class Batch:
-    data: bytes | bytearray  # whole CSV rows, each ending in LF
-    rows: int
-    last_key: int
-
-
-def neutralise(text: str) -> str:
-    """Stop spreadsheets from running a text cell as a formula (OWASP CSV injection)."""
-    return "'" + text if text.startswith(FORMULA_PREFIXES) else text
-
-
-def header(dataset: Dataset) -> bytes:
-    return (",".join(dataset.column_names) + "\n").encode()
-
-
-def batches(conn: Connection, dataset: Dataset, org_id: int, params: dict[str, str],
-            after: object, size: int) -> Iterator[Batch]:
-    """The dataset's rows after key `after` as CSV, `size` rows per batch, in key order."""
-    if conn.dialect.name == "postgresql":
-        return _copy_batches(conn, dataset, org_id, params, after, size)
-    if conn.dialect.name == "sqlite":
-        return _sqlite_batches(conn, dataset, org_id, params, after, size)
-    raise NotImplementedError(f"no CSV path for {conn.dialect.name}")
-
-
-def _sql(conn: Connection, stmt: Select) -> str:
-    return str(stmt.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True}))
-
-
-# PostgreSQL: the server formats every value and writes the CSV itself (COPY ... TO STDOUT).
 
 
 def copy_query(dataset: Dataset, org_id: int, params: dict[str, str], after: object,
@@ -104,13 +48,13 @@ def _pg_text(col: ColumnElement, kind: str) -> ColumnElement:
 PAGES_IN_FLIGHT = 2  # PostgreSQL formats a page slower than we read it: two backends at once
 
 
-def _copy_batches(conn: Connection, dataset: Dataset, org_id: int, params: dict[str, str],
-                  after: object, size: int) -> Iterator[Batch]:
+def pages(conn: Connection, dataset: Dataset, org_id: int, params: dict[str, str],
+          after: object, size: int) -> Iterator[Batch]:
     """Pages as key ranges read side by side: the key that ends each page is looked up first
     on `conn` (the `size`-th key after the last one, read from the key's index), so the next
     pages can be read on connections of their own while this one is written. The page
     without an end is the last, unless it comes back full (rows added meanwhile)."""
-    import psycopg
+    import psycopg  # lazily: see the module docstring
 
     key = dataset.table.c[dataset.key]
     key_index = dataset.column_names.index(dataset.key)
@@ -121,17 +65,18 @@ def _copy_batches(conn: Connection, dataset: Dataset, org_id: int, params: dict[
 
     ends = {first: dataset.batch(org_id, params, None if first else lower, 1)
             .with_only_columns(key).offset(size - 1) for first in (True, False)}
-    pages = {(first, last): compiled(copy_query(dataset, org_id, params, None if first else lower,
-                                                size if last else None)
-                                     .where(*([] if last else [key <= upper])))
-             for first in (True, False) for last in (True, False)}
+    queries = {(first, last): compiled(copy_query(dataset, org_id, params,
+                                                  None if first else lower,
+                                                  size if last else None)
+                                       .where(*([] if last else [key <= upper])))
+               for first in (True, False) for last in (True, False)}
     spare = [conn.engine.raw_connection() for _ in range(PAGES_IN_FLIGHT)]
     free: queue.SimpleQueue = queue.SimpleQueue()
     for connection in spare:
         free.put(connection.driver_connection)
 
     def fetch(start: object, end: object) -> Batch | None:
-        page = pages[start is None, end is None]
+        page = queries[start is None, end is None]
         values = {**page.params, **{k: v for k, v in (("lower", start), ("upper", end))
                                     if k in page.params}}
         driver = free.get()
@@ -176,7 +121,7 @@ def _copy(driver, query: str) -> tuple[bytearray, int, bytes]:
     the loop waits in select(), which releases the GIL: the lease heartbeat runs through a
     slow page.
     """
-    from psycopg import errors, pq
+    from psycopg import errors, pq  # lazily: see the module docstring
 
     pgconn = driver.pgconn
     result = pgconn.exec_(query.encode())
@@ -205,60 +150,6 @@ def _copy(driver, query: str) -> tuple[bytearray, int, bytes]:
 
 def _database_error(query: str, error: Exception) -> sa_exc.DBAPIError:
     """The error as SQLAlchemy would raise it, so the engine's retry policy applies."""
-    import psycopg
+    import psycopg  # lazily: see the module docstring
 
     return sa_exc.DBAPIError.instance(query, None, error, psycopg.Error)
-
-
-# SQLite: a child process reads pages with ADBC and formats them with Arrow (jobs.sqlite_reader).
-
-
-FRAME = struct.Struct("<qqq")  # the reader's header before each page: rows, last key, bytes
-
-
-class ReadFailed(RuntimeError):
-    """The SQLite reader process stopped with an error."""
-
-
-def _sqlite_column(col: ColumnElement, kind: str) -> ColumnElement:
-    """A column with one type per page, as ADBC infers each column's type from its values:
-    numbers as numbers (Arrow formats them), text never NULL (NULL and '' are both empty)."""
-    if kind == "int":
-        return cast(col, Integer)
-    if kind == "money":
-        return cast(col, Float)
-    return func.coalesce(cast(col, Text), "")
-
-
-def _sqlite_batches(conn: Connection, dataset: Dataset, org_id: int, params: dict[str, str],
-                    after: object, size: int) -> Iterator[Batch]:
-    table = dataset.table
-    columns = [table.c[dataset.key],
-               *(_sqlite_column(table.c[c.name], c.kind) for c in dataset.columns)]
-
-    def page(after: object) -> str:
-        stmt = dataset.batch(org_id, params, after, size)
-        return _sql(conn, stmt.with_only_columns(*columns, maintain_column_froms=True))
-
-    spec = {"database": conn.engine.url.database, "size": size, "after": after,
-            "frame": FRAME.format,
-            "kinds": [c.kind for c in dataset.columns],
-            "from_start": page(None), "after_key": page(literal_column("?"))}  # ?: bound per page
-    reader = subprocess.Popen([sys.executable, "-m", "jobs.sqlite_reader"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent)
-    try:
-        reader.stdin.write(json.dumps(spec).encode())
-        reader.stdin.close()
-        while header := reader.stdout.read(FRAME.size):
-            rows, last_key, length = FRAME.unpack(header)
-            yield Batch(reader.stdout.read(length), rows, last_key)
-        if reader.wait() != 0:
-            error = reader.stderr.read().decode(errors="replace").strip().splitlines()
-            raise ReadFailed(error[-1] if error else f"exit status {reader.returncode}")
-    finally:
-        if reader.poll() is None:  # closed early (cancel, shutdown, timeout): stop reading
-            reader.kill()
-            reader.wait()
-        reader.stdout.close()
-        reader.stderr.close()
