@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from urllib.parse import urlsplit
 
 from flask import Blueprint, flash, jsonify, redirect, render_template, request, url_for
@@ -60,8 +61,6 @@ def check_csrf() -> None:
 
 def create_token(user: User) -> str:
     """A new personal API token; only its hash is stored, so it is shown once."""
-    import secrets
-
     token = "xd_" + secrets.token_urlsafe(32)
     db.session.add(ApiToken(user=user, token_hash=ApiToken.hash(token)))
     db.session.commit()
