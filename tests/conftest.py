@@ -8,14 +8,17 @@ import secrets
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import redis
+from flask import Flask
 from sqlalchemy import create_engine, make_url, text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,13 +32,15 @@ if not TEST_DATABASE_URL:
     os.environ.pop("DATABASE_URL", None)  # never point the suite at a developer's database
 
 
-def create_database(server_url: str) -> str:
-    """A fresh, empty database on the server `server_url` points at; returns its URL."""
+def create_database(server_url: str, template: str | None = None) -> str:
+    """A fresh database on the server `server_url` points at, empty or a copy of the database
+    `template` (a URL on the same server, which nobody may be connected to); returns its URL."""
     url = make_url(server_url)
     name = f"exportdesk_test_{secrets.token_hex(6)}"
+    copy = f' TEMPLATE "{make_url(template).database}"' if template else ""
     engine = create_engine(url, isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"{copy}')
     engine.dispose()
     return url.set(database=name).render_as_string(hide_password=False)
 
@@ -100,13 +105,89 @@ def database_url(instance) -> str:
     return os.environ["DATABASE_URL"]
 
 
+# The test apps' settings on top of the environment's.
+APP_CONFIG = {"TESTING": True, "CHECKPOINT_INTERVAL": 0.0, "EXPORT_BATCH_ROWS": 500,
+              "EXPORTS_QUEUED_PER_USER": 10_000, "EXPORTS_RUNNING_PER_USER": 10_000}
+
+
 @pytest.fixture(scope="session")
 def app(instance):
     from webapp import create_app
 
-    app = create_app({"TESTING": True, "CHECKPOINT_INTERVAL": 0.0, "EXPORT_BATCH_ROWS": 500,
-                      "EXPORTS_QUEUED_PER_USER": 10_000, "EXPORTS_RUNNING_PER_USER": 10_000})
-    return app
+    return create_app(APP_CONFIG)
+
+
+# A state of its own for each test: a module whose tests must not see rows other tests left
+# (or must count every row) overrides `app`, `instance` and `database_url` with `fresh`:
+#
+#     @pytest.fixture
+#     def app(fresh):
+#         return fresh.app
+#
+# and likewise `instance` (fresh.path) and `database_url` (fresh.database_url). The
+# fixtures built on them (client, alice, broker, sending, ...) then use the fresh app too.
+FRESH_ROWS = 2_000
+
+
+@dataclass
+class Fresh:
+    """An instance folder with a database of its own, migrated and seeded, and an app on both;
+    `env` is the environment a subprocess (`flask ...`) needs to use them."""
+
+    path: Path
+    database_url: str
+    env: dict
+    app: Flask
+
+
+@pytest.fixture(scope="module")
+def fresh_template(tmp_path_factory) -> str:
+    """A database migrated and seeded (FRESH_ROWS transactions) once per module: each test's
+    `fresh` database is a copy of it."""
+    path = tmp_path_factory.mktemp("template")
+    database = database_for(path)
+    migrate_and_seed({**os.environ, "INSTANCE_PATH": str(path), "FLASK_APP": "webapp",
+                      "DATABASE_URL": database}, FRESH_ROWS)
+    yield database
+    if TEST_DATABASE_URL:
+        drop_database(TEST_DATABASE_URL, database)
+
+
+def copy_database(template: str, instance: Path) -> str:
+    """A copy of the database `template` for the instance folder `instance`; returns its URL."""
+    if TEST_DATABASE_URL:
+        return create_database(TEST_DATABASE_URL, template=template)
+    copy = instance / "exportdesk.db"
+    with closing(sqlite3.connect(make_url(template).database)) as source, \
+            closing(sqlite3.connect(copy)) as target:
+        source.backup(target)
+    return f"sqlite:///{copy}"
+
+
+@pytest.fixture
+def fresh(tmp_path, fresh_template, monkeypatch) -> Fresh:
+    """A fresh state for one test: its own instance folder, database (a copy of the module's
+    `fresh_template`) and lanes (SQLite queues in that folder), and an app on them. The
+    environment points at them during the test; the lanes go back to the app they served."""
+    from jobs import lanes
+    from jobs.models import db
+    from webapp import create_app
+
+    path = tmp_path / "instance"
+    path.mkdir()
+    database = copy_database(fresh_template, path)
+    monkeypatch.setenv("INSTANCE_PATH", str(path))
+    monkeypatch.setenv("DATABASE_URL", database)
+    served = lanes.exports.app
+    app = create_app(APP_CONFIG)  # binds the lanes to it
+    yield Fresh(path, database, {**os.environ, "FLASK_APP": "webapp"}, app)
+    with app.app_context():
+        for engine in db.engines.values():
+            engine.dispose()
+    if served is not None:
+        lanes.init_app(served)
+    if TEST_DATABASE_URL:
+        drop_database(TEST_DATABASE_URL, database)
 
 
 @pytest.fixture
@@ -167,11 +248,38 @@ class Stack:
             self.proc.send_signal(2)
             self.proc.wait(30)
 
+    def log_tail(self, lines: int = 200) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+
+STACKS = pytest.StashKey[list]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed test shows the end of the log of every stack it started (web and consumers)
+    and what each of its browser pages shows."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed:
+        return
+    for stack in item.stash.get(STACKS, []):
+        report.sections.append((f"Stack log {stack.url}", stack.log_tail()))
+    browser = item.funcargs.get("browser")
+    for context in getattr(browser, "contexts", []):
+        for page in context.pages:
+            try:
+                shown = page.inner_text("body", timeout=2000)
+            except Exception as exc:  # noqa: BLE001 (the page's state is what we report)
+                shown = f"(no text: {exc})"
+            report.sections.append((f"Page {page.url}", shown[-3000:]))
+
 
 @pytest.fixture
-def stack_factory(tmp_path):
+def stack_factory(request, tmp_path):
     """Start stacks on fresh instance folders (migrated and seeded); stops them at the end."""
     stacks: list[Stack] = []
+    request.node.stash[STACKS] = stacks
 
     def make(rows: int = SEED_ROWS, **extra_env: str) -> Stack:
         path = tmp_path / f"stack{len(stacks)}"

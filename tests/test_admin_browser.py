@@ -4,12 +4,14 @@ live progress, then an admin cancels it from its page and retries it."""
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from conftest import wait_for
-from test_browser import (  # noqa: F401 (browser, shots: fixtures)
+from test_browser import (  # noqa: F401 (browser, close_pages, shots: fixtures)
     ROWS,
     browser,
+    close_pages,
     job_row,
     log_in,
     open_page,
@@ -43,8 +45,14 @@ def test_admin_sees_live_progress_cancels_a_running_export_then_retries_it(
 
     row.locator(f"a[href$='/admin/jobs/{job_id}']").click()
     page.wait_for_url(re.compile(rf"/admin/jobs/{job_id}$"))
-    page.click("#admin-cancel")
-    page.locator("h1 .badge", has_text="cancelled").wait_for()
+    sent: list[float] = []  # when the browser sent the cancel: the click, as the server sees it
+    cancel_url = f"{stack.url}/admin/jobs/{job_id}/cancel"
+    page.on("request", lambda r: r.url == cancel_url and sent.append(time.monotonic()))
+    with page.expect_response(cancel_url, timeout=5_000) as answer:  # a lost click fails here
+        page.click("#admin-cancel")
+    assert answer.value.status == 303, answer.value.status
+    page.locator("h1 .badge", has_text="cancelled").wait_for(timeout=2_000)
+    assert time.monotonic() - sent[0] < 2, "the cancel shows within 2 s of the click"
     job = wait_for(lambda: (j := job_row(stack, job_id))["attempts"][-1]["finished_at"] and j,
                      what="the worker to stop")
     assert job["state"] == "cancelled" and job["attempts"][-1]["outcome"] == "cancelled"

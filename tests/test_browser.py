@@ -41,6 +41,14 @@ def browser():
         chromium.close()
 
 
+@pytest.fixture(autouse=True)
+def close_pages(browser):
+    """A test's pages close with it: none polls on against a stack that has stopped."""
+    yield
+    for context in browser.contexts:
+        context.close()
+
+
 @pytest.fixture
 def shots(tmp_path) -> Path:
     """Where screenshots go: the docs folder when asked for, else a temporary one."""

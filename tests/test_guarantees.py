@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import io
-import itertools
 import os
 import subprocess
 import sys
@@ -25,24 +24,37 @@ from conftest import (
     drop_database,
     free_port,
     login,
+    query,
     require,
+    wait_for,
 )
 from expected import expected_rows
 from sqlalchemy import create_engine, select, update
 from sqlalchemy import exc as sa_exc
 
-from jobs import dispatch, engine, lanes, tasks
+from jobs import dispatch, engine, failures, lanes, tasks
 from jobs.models import ExportJob, JobAttempt, JobState, db, utcnow
 from webapp.auth import create_token, find_user
 from webapp.exports import create_export
 
-_day = itertools.count()
+# Every test starts from a database, an export folder and lanes of its own (conftest.fresh):
+# no job another test left can be taken for a duplicate, be sent by a reconcile or be counted.
+OTHER_PARAMS = {"status": "open"}  # a request that is not the same as one without parameters
 
 
-def fresh_params() -> dict[str, str]:
-    """Parameters no other job has used, so duplicate detection never merges two tests' jobs."""
-    start = date(2026, 1, 1) + timedelta(days=next(_day) % 300)
-    return {"date_from": start.isoformat(), "date_to": f"2026-12-{next(_day) % 28 + 1:02d}"}
+@pytest.fixture
+def app(fresh):
+    return fresh.app
+
+
+@pytest.fixture
+def instance(fresh):
+    return fresh.path
+
+
+@pytest.fixture
+def database_url(fresh):
+    return fresh.database_url
 
 
 @pytest.fixture
@@ -59,8 +71,7 @@ def new_job(app, email: str = "alice@acme.test", dataset: str = "orders",
             params: dict | None = None) -> int:
     """A committed job, handed to its lane the normal way (after commit)."""
     with app.app_context():
-        params = fresh_params() if params is None else params
-        job = create_export(find_user(email), dataset, "csv", params)
+        job = create_export(find_user(email), dataset, "csv", params or {})
         db.session.commit()
         return job.id
 
@@ -112,8 +123,7 @@ def test_old_pattern_loses_the_race_after_commit_dispatch_cannot(app, broker):
         worker = pool.submit(fast_worker, app, seen)
         with app.app_context():
             user = find_user("alice@acme.test")
-            job = ExportJob(user=user, org_id=user.org_id, dataset="orders",
-                            params=fresh_params())
+            job = ExportJob(user=user, org_id=user.org_id, dataset="orders", params={})
             db.session.add(job)
             db.session.flush()
             tasks.run_export(job.id)  # the old pattern: send before commit
@@ -125,7 +135,7 @@ def test_old_pattern_loses_the_race_after_commit_dispatch_cannot(app, broker):
         seen.clear()
         worker = pool.submit(fast_worker, app, seen)
         with app.app_context():
-            job = create_export(find_user("alice@acme.test"), "orders", "csv", fresh_params())
+            job = create_export(find_user("alice@acme.test"), "orders", "csv", OTHER_PARAMS)
             time.sleep(0.5)  # give a fast worker every chance to race us
             assert lanes.exports.pending_count() == 0 and not seen, "sent before commit"
             new_id = job.id
@@ -136,7 +146,7 @@ def test_old_pattern_loses_the_race_after_commit_dispatch_cannot(app, broker):
 
 def test_rolled_back_submission_is_never_sent(app, broker):
     with app.app_context():
-        job = create_export(find_user("alice@acme.test"), "orders", "csv", fresh_params())
+        job = create_export(find_user("alice@acme.test"), "orders", "csv", {})
         job_id = job.id
         db.session.rollback()
         assert db.session.get(ExportJob, job_id) is None
@@ -152,7 +162,7 @@ def test_broker_down_at_submit_job_stays_queued_then_reconciler_sends_it(app, al
     redis_broker.stop()
     token = csrf_from(alice.get("/").get_data(as_text=True))
     response = alice.post("/exports", data={"dataset": "orders", "format": "csv",
-                                            "csrf_token": token, **fresh_params()})
+                                            "csrf_token": token})
     assert response.status_code == 303, "a broker outage must not become an error page"
     page = alice.get(response.headers["Location"])
     assert page.status_code == 200 and "queued" in page.get_data(as_text=True).lower()
@@ -173,7 +183,7 @@ def test_broker_down_at_submit_job_stays_queued_then_reconciler_sends_it(app, al
 
 
 DIE_AFTER_COMMIT = """
-import os, sys
+import os
 from jobs import dispatch
 from webapp import create_app
 from webapp.auth import find_user
@@ -184,20 +194,17 @@ app = create_app()
 with app.app_context():
     # Registered first, so it runs right after COMMIT and before the job is sent.
     dispatch.on_commit(db.session(), lambda: os._exit(0))
-    job = create_export(find_user("alice@acme.test"), "orders", "csv",
-                        {"date_from": sys.argv[1], "date_to": sys.argv[2]})
+    job = create_export(find_user("alice@acme.test"), "orders", "csv", {})
     print(job.id, flush=True)
     db.session.commit()
 print("still alive", flush=True)
 """
 
 
-def test_web_process_dies_between_commit_and_send_then_reconciler_sends_it(app, broker):
-    params = fresh_params()
-    env = {**os.environ, "BROKER_URL": lanes.exports.broker_url}
-    done = subprocess.run([sys.executable, "-c", DIE_AFTER_COMMIT, params["date_from"],
-                           params["date_to"]], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=60)
+def test_web_process_dies_between_commit_and_send_then_reconciler_sends_it(fresh, app, broker):
+    env = {**fresh.env, "BROKER_URL": lanes.exports.broker_url}
+    done = subprocess.run([sys.executable, "-c", DIE_AFTER_COMMIT], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "still alive" not in done.stdout, done.stderr
     job_id = int(done.stdout.split()[0])
     job = load(app, job_id)
@@ -214,7 +221,7 @@ def test_web_process_dies_between_commit_and_send_then_reconciler_sends_it(app, 
 def test_reconciler_waits_for_the_grace_period(app, broker):
     with app.app_context():
         user = find_user("alice@acme.test")
-        job = ExportJob(user=user, org_id=user.org_id, dataset="orders", params=fresh_params())
+        job = ExportJob(user=user, org_id=user.org_id, dataset="orders", params={})
         db.session.add(job)
         db.session.commit()  # recorded, not sent: as if the web process were still sending
         assert job.id not in dispatch.reconcile(grace=3600)
@@ -254,7 +261,7 @@ def test_job_whose_workers_keep_dying_gives_up_with_a_reason(app, broker):
 @pytest.mark.parametrize("dataset", ["orders", "transactions"])
 def test_same_message_delivered_twice_at_once_runs_the_work_once(app, instance, database_url,
                                                                  broker, dataset):
-    params = fresh_params()
+    params = {"date_from": "2026-03-01", "date_to": "2026-08-31"}
     job_id = new_job(app, dataset=dataset, params=params)
     with app.app_context():
         dispatch.send(job_id)  # a duplicate message, as at-least-once delivery may produce
@@ -311,19 +318,44 @@ def test_delivery_after_the_job_finished_does_nothing(app, broker):
     assert job.state == "succeeded" and len(job.attempts) == 1
 
 
-def test_worker_that_lost_its_claim_stops_without_touching_the_job(app):
-    job_id = new_job(app)
-    with app.app_context():
-        claimed = engine._claim(job_id, tasks.EXPORT_ATTEMPTS)
-        assert claimed is not None
-        mine = claimed[0].claimed_by
-        engine._save(job_id, mine, rows_done=1)
-        db.session.execute(update(ExportJob).where(ExportJob.id == job_id)
-                           .values(claimed_by="new-owner#2"))
-        db.session.commit()
-        with pytest.raises(engine.LostClaim):
-            engine._save(job_id, mine, rows_done=99)
-    assert load(app, job_id).rows_done == 1
+def test_worker_that_lost_its_claim_stops_without_touching_the_job(app, instance, database_url,
+                                                                   monkeypatch):
+    """Another worker takes the job over while this one exports it (as after this one stalled
+    past its lease): at its next checkpoint this one gives up, and neither writes to the job
+    again nor publishes a file."""
+    monkeypatch.setitem(app.config, "EXPORT_BATCH_ROWS", 1)  # a checkpoint per row: it lasts
+    job_id = new_job(app, dataset="transactions")
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            with app.app_context():
+                engine.run(job_id, tasks.EXPORT_ATTEMPTS)
+        except BaseException as exc:  # noqa: BLE001 (reported below)
+            errors.append(exc)
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    try:
+        wait_for(lambda: query(database_url, "select rows_done from export_jobs where id = :id",
+                               id=job_id)[0][0] > 0, what="the worker to write rows")
+        with app.app_context():  # the takeover: another claim is written over this one's
+            taken_at = db.session.execute(
+                update(ExportJob).where(ExportJob.id == job_id,
+                                        ExportJob.state == JobState.RUNNING)
+                .values(claimed_by="new-owner#2").returning(ExportJob.rows_done)).scalar_one()
+            db.session.commit()
+    finally:
+        worker.join(120)
+    assert errors == [] and not worker.is_alive(), "the worker stops quietly"
+    job = load(app, job_id)
+    assert (job.state, job.claimed_by, job.rows_done) == ("running", "new-owner#2", taken_at)
+    assert job.file_name is None and job.finished_at is None
+    [attempt] = job.attempts
+    assert attempt.outcome == "abandoned" and attempt.finished_at is not None
+    assert "took the job over" in attempt.error
+    assert not [p for p in (instance / "exports").glob(f"job-{job_id}.*")
+                if not p.name.endswith(".part")], "nothing published"
 
 
 # Duplicate submissions
@@ -336,18 +368,18 @@ def post_form(client, params: dict):
 
 
 def test_double_click_returns_the_same_job(app, alice):
-    params = fresh_params()
+    params = {"date_from": "2026-02-01"}
     first, second = post_form(alice, params), post_form(alice, params)
     assert first.status_code == second.status_code == 303
     assert first.headers["Location"] == second.headers["Location"]
     page = alice.get(second.headers["Location"]).get_data(as_text=True)
     assert "already asked for this export" in page
-    other = post_form(alice, {**params, "status": "open"})
+    other = post_form(alice, {**params, **OTHER_PARAMS})
     assert other.headers["Location"] != first.headers["Location"], "different request, new job"
 
 
 def test_concurrent_double_click_creates_one_job(app):
-    params = fresh_params()
+    params = {"date_from": "2026-02-01"}
     clients = [login(app.test_client(), "alice@acme.test") for _ in range(4)]
     tokens = [csrf_from(c.get("/").get_data(as_text=True)) for c in clients]
     start = threading.Barrier(len(clients))
@@ -365,7 +397,7 @@ def test_concurrent_double_click_creates_one_job(app):
 
 
 def test_same_request_after_the_job_finished_is_a_new_job(app, broker):
-    params = fresh_params()
+    params = {"date_from": "2026-02-01"}
     first = new_job(app, params=params)
     assert run_next(app) == first
     assert new_job(app, params=params) != first
@@ -386,8 +418,8 @@ def api(app, client):
 
 
 def test_idempotency_key_returns_the_same_job_for_24_hours(app, api):
-    body = {"dataset": "orders", "format": "csv", "params": fresh_params()}
-    key = f"order-sync-{next(_day)}"
+    body = {"dataset": "orders", "format": "csv", "params": {}}
+    key = "order-sync-2026-12-01"
     first = api(body, key)
     assert first.status_code == 202
     job_id = first.json["id"]
@@ -398,7 +430,7 @@ def test_idempotency_key_returns_the_same_job_for_24_hours(app, api):
     again = api(body, key)
     assert again.status_code == 202 and again.json["id"] == job_id
 
-    conflict = api({**body, "params": fresh_params()}, key)
+    conflict = api({**body, "params": OTHER_PARAMS}, key)
     assert conflict.status_code == 422 and "Idempotency-Key" in conflict.json["error"]
 
     with app.app_context():
@@ -412,7 +444,7 @@ def test_idempotency_key_returns_the_same_job_for_24_hours(app, api):
 def test_idempotency_keys_belong_to_one_user(app, api):
     with app.app_context():
         bob = create_token(find_user("bob@globex.test"))
-    body = {"dataset": "orders", "format": "csv", "params": fresh_params()}
+    body = {"dataset": "orders", "format": "csv", "params": {}}
     mine = api(body, "shared-key").json["id"]
     assert api(body, "shared-key", bearer=bob).json["id"] != mine
 
@@ -440,17 +472,17 @@ def test_errors_are_classified_transient_or_permanent():
     from jobs.datasets import InvalidParams
 
     lost_db = real_connection_error()
-    assert engine.is_transient(lost_db) and not engine.is_permanent(lost_db)
+    assert failures.is_transient(lost_db) and not failures.is_permanent(lost_db)
     try:
         redis.Redis(port=free_port()).ping()
     except redis.ConnectionError as exc:
-        assert engine.is_transient(exc)
-    assert engine.is_transient(TimeoutError())
+        assert failures.is_transient(exc)
+    assert failures.is_transient(TimeoutError())
     bad = InvalidParams({"date_from": "must be a date like 2026-01-31"})
-    assert engine.is_permanent(bad) and not engine.is_transient(bad)
-    assert engine.reason(bad) == "Invalid parameters: date_from: must be a date like 2026-01-31"
-    assert engine.reason(lost_db).startswith("Temporary failure (OperationalError): ")
-    assert "\n" not in engine.reason(lost_db)
+    assert failures.is_permanent(bad) and not failures.is_transient(bad)
+    assert failures.reason(bad) == "Invalid parameters: date_from: must be a date like 2026-01-31"
+    assert failures.reason(lost_db).startswith("Temporary failure (OperationalError): ")
+    assert "\n" not in failures.reason(lost_db)
     assert [tasks.backoff(5, n) for n in (1, 2, 3, 4)] == [5, 10, 20, 40]
     assert tasks.backoff(5, 30) == tasks.MAX_RETRY_DELAY
 
@@ -472,34 +504,32 @@ def test_invalid_stored_parameters_fail_at_once_with_a_reason(app):
     assert [(a.number, a.outcome) for a in job.attempts] == [(1, "failed")]
 
 
-def test_transient_failure_is_retried_with_backoff_and_each_attempt_recorded(
+def test_failure_that_may_pass_is_retried_with_backoff_and_each_attempt_recorded(
         app, instance, broker, monkeypatch):
-    lost_db = real_connection_error()
-    real_stream = engine.stream
-    calls = []
-
-    def stream_losing_the_database_once(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
-            raise lost_db
-        return real_stream(*args, **kwargs)
-
-    monkeypatch.setattr(engine, "stream", stream_losing_the_database_once)
+    """The export folder cannot be written at first (a file stands where its parent folder
+    should be, as when a disk is not mounted yet): not a permanent failure, so the attempt is
+    recorded and the job retried after a backoff, and the retry succeeds once it can write."""
+    unmounted = instance / "volume"
+    unmounted.write_bytes(b"")
+    exports = unmounted / "exports"
+    monkeypatch.setitem(app.config, "EXPORT_DIR", str(exports))
     job_id = new_job(app, dataset="transactions")
     assert run_next(app) == job_id
     job = load(app, job_id)
-    assert job.state == "retrying" and job.error.startswith("Temporary failure")
+    assert job.state == "retrying" and job.error.startswith("Storage error: Not a directory")
     assert job.enqueued_at is not None, "the retry message counts as handed to the lane"
     retry = lanes.exports.dequeue()  # the consumer parks it in the schedule until its eta
     delay = (retry.eta - utcnow()).total_seconds()
     assert retry.args == (job_id,) and 0 < delay <= lanes.exports.settings.retry_delay
 
+    unmounted.unlink()  # the disk is there now
     deliver(app, retry)  # the consumer would do this after the backoff delay
     job = load(app, job_id)
     assert job.state == "succeeded", job.error
     assert [(a.number, a.outcome) for a in job.attempts] == [(1, "failed"), (2, "succeeded")]
-    assert job.attempts[0].error.startswith("Temporary failure (OperationalError)")
-    assert not list((instance / "exports").glob(f"job-{job_id}.*.part"))
+    assert job.attempts[0].error.startswith("Storage error: Not a directory")
+    assert (exports / job.file_name).is_file()
+    assert not list(exports.glob(f"job-{job_id}.*.part"))
 
 
 # SQLite and PostgreSQL give the same bytes
