@@ -173,13 +173,14 @@ def worker_rss(inst: Path, env: dict, me: list[str]) -> tuple[int, int]:
     worker is the pid in the job's claim; the peaks (VmHWM) are read every 2 ms, so a reader is
     last read within 2 ms of its end."""
     env = {**env, "LANE_EXPORTS_WORKERS": "1"}
+    # Sent before the consumer starts, so the watch below begins before the export can.
+    job_id = int(subprocess.run([*me, "--child", "submit"], cwd=ROOT, env=env, check=True,
+                                capture_output=True, text=True).stdout)
     consumer = subprocess.Popen([sys.executable, "-m", "flask", "worker", "exports"], cwd=ROOT,
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
     worker = reader = 0
     try:
-        job_id = int(subprocess.run([*me, "--child", "submit"], cwd=ROOT, env=env, check=True,
-                                    capture_output=True, text=True).stdout)
         database = sqlite3.connect(f"file:{inst / 'exportdesk.db'}?mode=ro", uri=True)
         deadline = time.monotonic() + 600
         pid = None
@@ -197,9 +198,16 @@ def worker_rss(inst: Path, env: dict, me: list[str]) -> tuple[int, int]:
                 for child in _children(pid):
                     reader = max(reader, _peak_rss(child))
                 time.sleep(0.002)
-        database.close()
         if state != "succeeded":
             raise RuntimeError(f"export {job_id} ended {state}")
+        # The worker process lives on: its high-water mark also covers an export that ended
+        # between two looks (the reader's, gone with it, is then its last sample).
+        claim = database.execute("select worker from job_attempts where job_id = ? "
+                                 "order by number desc", (job_id,)).fetchone()[0]
+        database.close()
+        worker = max(worker, _peak_rss(int(claim.split(":")[-1])))
+        if not worker:
+            raise RuntimeError(f"the worker of export {job_id} ({claim}) was not found")
     finally:
         os.killpg(consumer.pid, signal.SIGINT)
         consumer.wait(60)

@@ -9,7 +9,7 @@ from datetime import datetime, timedelta
 
 import pytest
 from conftest import csrf_from, login, run_inline
-from sqlalchemy import select
+from sqlalchemy import select, update
 
 from jobs import dispatch, lanes, mail
 from jobs.models import AdminAction, EmailState, ExportJob, JobState, OutboundEmail, db
@@ -89,6 +89,24 @@ def test_roles_user_403_viewer_reads_only_admin_acts(app, alice, viewer, admin):
     assert "admin-cancel" not in page and "read-only" in page
     assert 'id="admin-cancel"' in admin.get(f"/admin/jobs/{job_id}").get_data(as_text=True)
     assert app.test_client().get("/admin/jobs").status_code == 302  # to the login page
+
+
+def test_a_live_row_refreshes_only_its_state_and_count_until_the_job_ends(app, admin):
+    job_id = make_job(app, state=JobState.RUNNING, rows_done=1500, rows_total=3000)
+    row = re.search(rf'<tr id="job-row-{job_id}".*?</tr>',
+                    admin.get("/admin/jobs").get_data(as_text=True), re.S).group(0)
+    assert row.count("hx-get") == 1 and re.search(rf'id="job-state-{job_id}"\s+hx-get=', row), \
+        "the state cell polls, not the row (whose link must stay put)"
+    live = admin.get(f"/admin/jobs/{job_id}/row").get_data(as_text=True)
+    assert "<a " not in live and "<input" not in live, "only the changing cells are sent"
+    assert 'hx-trigger="every 1s"' in live and 'aria-valuenow="50.0"' in live
+    assert f'id="job-done-{job_id}" hx-swap-oob="true">1,500 of 3,000<' in live
+    with app.app_context():
+        db.session.execute(update(ExportJob).where(ExportJob.id == job_id)
+                           .values(state=JobState.SUCCEEDED, rows_done=3000))
+        db.session.commit()
+    done = admin.get(f"/admin/jobs/{job_id}/row").get_data(as_text=True)
+    assert "hx-trigger" not in done and ">succeeded<" in done and ">3,000 of 3,000<" in done
 
 
 def test_filters_and_search(app, admin):

@@ -43,7 +43,9 @@ def test_admin_sees_live_progress_cancels_a_running_export_then_retries_it(
         f"?.getAttribute('aria-valuenow')) > {first}")
     snap(page, shots / "admin-jobs.png")
 
-    row.locator(f"a[href$='/admin/jobs/{job_id}']").click()
+    # Held down for 1.5 s, as a person's click can be: a row refresh in between must not
+    # replace the link (a mouse-up on a new link after a mouse-down on the old is no click).
+    row.locator(f"a[href$='/admin/jobs/{job_id}']").click(delay=1_500)
     page.wait_for_url(re.compile(rf"/admin/jobs/{job_id}$"))
     sent: list[float] = []  # when the browser sent the cancel: the click, as the server sees it
     cancel_url = f"{stack.url}/admin/jobs/{job_id}/cancel"

@@ -94,11 +94,12 @@ def _audit_log(subject: Column, row_id: int) -> list[AdminAction]:
 @bp.get("/jobs/<int:job_id>/row")
 @staff_required
 def job_row(job_id: int):
-    """The live row of the list: it polls while the job is active, then stops."""
+    """The live cells of a list row (state, progress, count): they poll while the job is
+    active, then stop. The rest of the row never changes, so it is not sent."""
     row = listing.job_row(job_id)
     if row is None:
         abort(404)
-    return _render("admin/_rows.html", rows=[row])
+    return _render("admin/_live_cells.html", row=row, oob=True)
 
 
 @bp.get("/jobs/<int:job_id>")
