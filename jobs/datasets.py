@@ -45,8 +45,14 @@ class Param:
 
 @dataclass(frozen=True)
 class Column:
+    """An exported column: `kind` (int, decimal, text, date, datetime, bool) decides how each
+    value is written; `label` is its header (the name when None); a decimal has `scale` places
+    (as stored when None)."""
+
     name: str
-    kind: str  # "int", "text", "money" or "datetime": decides how a value is written
+    kind: str
+    label: str | None = None
+    scale: int | None = None
 
 
 @dataclass(frozen=True)
@@ -136,7 +142,7 @@ DATASETS: dict[str, Dataset] = {
             columns=(
                 Column("id", "int"),
                 Column("created_at", "datetime"),
-                Column("amount", "money"),
+                Column("amount", "decimal", scale=2),
                 Column("currency", "text"),
                 Column("status", "text"),
                 Column("customer_email", "text"),
@@ -153,7 +159,7 @@ DATASETS: dict[str, Dataset] = {
                 Column("id", "int"),
                 Column("created_at", "datetime"),
                 Column("customer", "text"),
-                Column("total", "money"),
+                Column("total", "decimal", scale=2),
                 Column("status", "text"),
                 Column("items", "text"),
             ),

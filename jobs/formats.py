@@ -35,7 +35,7 @@ def _format_text(v) -> str:
 # Typed cells for xlsx: numbers stay numbers (negative amounts included), dates stay dates.
 XLSX_CELLS: dict[str, Callable] = {
     "int": int,
-    "money": float,
+    "decimal": float,
     "datetime": lambda v: v,
     "text": _format_text,
 }
@@ -118,7 +118,7 @@ def _stream_xlsx(conn: Connection, dataset: Dataset, org_id: int, params: dict[s
     sheet = book.add_worksheet(dataset.name[:31])
     money = book.add_format({"num_format": "0.00"})
     for i, column in enumerate(dataset.columns):
-        if column.kind == "money":
+        if column.kind == "decimal":
             sheet.set_column(i, i, 12, money)
         elif column.kind == "datetime":
             sheet.set_column(i, i, 19)

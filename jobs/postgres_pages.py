@@ -35,7 +35,7 @@ def copy_query(dataset: Dataset, org_id: int, params: dict[str, str], after: obj
 def _pg_text(col: ColumnElement, kind: str) -> ColumnElement:
     if kind == "int":
         value = col
-    elif kind == "money":
+    elif kind == "decimal":
         value = func.round(col, 2).cast(String)
     elif kind == "datetime":
         value = func.to_char(col, "YYYY-MM-DD HH24:MI:SS")

@@ -42,7 +42,7 @@ def _sqlite_column(col: ColumnElement, kind: str) -> ColumnElement:
     numbers as numbers (Arrow formats them), text never NULL (NULL and '' are both empty)."""
     if kind == "int":
         return cast(col, Integer)
-    if kind == "money":
+    if kind == "decimal":
         return cast(col, Float)
     return func.coalesce(cast(col, Text), "")
 

@@ -100,7 +100,7 @@ def _int(numbers: pa.Array) -> pa.Array:
     return pc.cast(numbers, pa.string()).fill_null("")
 
 
-def _money(numbers: pa.Array) -> pa.Array:
+def _decimal(numbers: pa.Array) -> pa.Array:
     """Two decimals, rounded from the stored double like printf('%.2f'). A page of NULLs
     arrives as int64 (ADBC's default), hence the cast to float64 first."""
     cents = pc.cast(pc.cast(numbers, pa.float64()), pa.decimal128(38, 2), safe=False)
@@ -114,7 +114,7 @@ def _datetime(strings: pa.Array) -> pa.Array:
 
 FORMAT: dict[str, Callable[[pa.Array], pa.Array]] = {
     "int": _int,
-    "money": _money,
+    "decimal": _decimal,
     "datetime": _datetime,
     "text": _text,
 }
