@@ -65,7 +65,7 @@ def export_sql(database_url: str) -> str:
     from sqlalchemy import create_engine, text
 
     from jobs.csvrows import FORMULA_PREFIXES
-    from jobs.datasets import DATASETS
+    from jobs.dataset_file import load
     from jobs.postgres_pages import copy_query
 
     engine = create_engine(database_url)
@@ -73,7 +73,7 @@ def export_sql(database_url: str) -> str:
         org = conn.execute(text("select id from organisations where slug = 'acme'")).scalar()
     engine.dispose()
     if engine.dialect.name == "postgresql":
-        stmt = copy_query(DATASETS["transactions"], org, {}, None, None)
+        stmt = copy_query(load()["transactions"], org, {}, None, None)
         return str(stmt.compile(engine, compile_kwargs={"literal_binds": True}))
     prefixes = ", ".join(f"char({ord(p)})" for p in FORMULA_PREFIXES)
     texts = ", ".join(f"CASE WHEN substr({c}, 1, 1) IN ({prefixes}) THEN '''' || {c} ELSE {c} END"

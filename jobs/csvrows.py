@@ -29,4 +29,12 @@ def neutralise(text: str) -> str:
 
 
 def header(dataset: Dataset) -> bytes:
-    return (",".join(dataset.column_names) + "\n").encode()
+    return (",".join(map(_header_cell, dataset.headers)) + "\n").encode()
+
+
+def _header_cell(label: str) -> str:
+    """A header as a CSV field: neutralised and quoted like any text cell."""
+    label = neutralise(label)
+    if any(c in label for c in ',"\r\n'):
+        return '"' + label.replace('"', '""') + '"'
+    return label

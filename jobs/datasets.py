@@ -1,14 +1,28 @@
-"""Datasets: what can be exported, declared once (query, typed parameters, columns, ordered key)."""
+"""Datasets: what can be exported, as the datasets file declares it (jobs.dataset_file).
+
+A dataset is one source (a table, or one SELECT) read in pages on its ordered unique `key`,
+always filtered on its tenant column by the value of the requesting user's organisation (set by
+the server, never by the request), then by the fields of its parameters. Values reach the
+database only as bound parameters; every identifier comes from the file.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import operator
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from datetime import date, datetime, time, timedelta
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime, time, timedelta
+from decimal import Decimal, InvalidOperation
+from zoneinfo import ZoneInfo
 
-from sqlalchemy import Select, Table, func, select
+from flask import current_app
+from sqlalchemy import ColumnElement, FromClause, Select, func, select, true
 
-from jobs.models import Order, Transaction
+KINDS = ("int", "decimal", "text", "date", "datetime", "bool")
+FIELD_KINDS = ("date", "datetime", "number", "choice", "text", "bool")
+ROLES = ("user", "viewer", "admin")
 
 
 class InvalidParams(ValueError):
@@ -17,30 +31,6 @@ class InvalidParams(ValueError):
     def __init__(self, errors: dict[str, str]):
         super().__init__("; ".join(f"{k}: {v}" for k, v in errors.items()))
         self.errors = errors
-
-
-@dataclass(frozen=True)
-class Param:
-    name: str
-    label: str
-    kind: str  # "date" or "choice"
-    choices: tuple[str, ...] = ()
-
-    def clean(self, raw: object) -> str | None:
-        """The canonical value (ISO date or a choice), None when empty; ValueError when bad."""
-        if raw is None or (isinstance(raw, str) and not raw.strip()):
-            return None
-        if not isinstance(raw, str):
-            raise ValueError("must be text")
-        raw = raw.strip()
-        if self.kind == "date":
-            try:
-                return date.fromisoformat(raw).isoformat()
-            except ValueError:
-                raise ValueError("must be a date like 2026-01-31") from None
-        if raw not in self.choices:
-            raise ValueError(f"must be one of {', '.join(self.choices)}")
-        return raw
 
 
 @dataclass(frozen=True)
@@ -54,26 +44,151 @@ class Column:
     label: str | None = None
     scale: int | None = None
 
+    @property
+    def header(self) -> str:
+        return self.label or self.name
+
+
+@dataclass(frozen=True)
+class Field:
+    """One form field of a parameter: a range gives two (`<name>_from`, `<name>_to`).
+
+    `test` says how its value filters `column`: ge / lt (datetime range), day_ge / day_lt
+    (a day range: both days included, in `tz`), ge / le (number range), eq, prefix.
+    """
+
+    name: str
+    kind: str  # date, datetime, number, choice, text or bool: the input and its validation
+    column: str
+    test: str
+    label: str
+    help: str = ""
+    required: bool = False
+    default: str | None = None
+    choices: tuple[str, ...] = ()
+    choices_from_column: bool = False
+    tz: str = "UTC"
+    after: str | None = None  # the field this one may not be before (a range's start)
+    column_kind: str = "datetime"  # of `column`: a day range on a date column needs no time
+
+    def clean(self, raw: object) -> str | None:
+        """The canonical value as text, None when empty; ValueError with a message when bad."""
+        if raw is None or (isinstance(raw, str) and not raw.strip()):
+            raw = self.default
+            if raw is None:
+                if self.required:
+                    raise ValueError("is required")
+                return None
+        if isinstance(raw, bool) and self.kind == "bool":
+            return "true" if raw else "false"
+        if isinstance(raw, int | float) and not isinstance(raw, bool) and self.kind == "number":
+            raw = str(raw)
+        if not isinstance(raw, str):
+            raise ValueError("must be text")
+        raw = raw.strip()
+        if len(raw) > 200:
+            raise ValueError("is too long (200 characters at most)")
+        if self.kind == "date":
+            try:
+                return date.fromisoformat(raw).isoformat()
+            except ValueError:
+                raise ValueError("must be a date like 2026-01-31") from None
+        if self.kind == "datetime":
+            try:
+                return datetime.fromisoformat(raw).replace(tzinfo=None).isoformat()
+            except ValueError:
+                raise ValueError("must be a date and time like 2026-01-31T08:00") from None
+        if self.kind == "number":
+            try:
+                number = Decimal(raw)
+            except InvalidOperation:
+                raise ValueError("must be a number like 12.50") from None
+            if not number.is_finite():
+                raise ValueError("must be a finite number")
+            return str(number)
+        if self.kind == "bool":
+            value = raw.lower()
+            if value in ("true", "yes", "1", "on"):
+                return "true"
+            if value in ("false", "no", "0", "off"):
+                return "false"
+            raise ValueError("must be yes or no")
+        if self.kind == "choice" and not self.choices_from_column and raw not in self.choices:
+            raise ValueError(f"must be one of {', '.join(self.choices)}")
+        if "\x00" in raw:
+            raise ValueError("must not hold a NUL character")
+        return raw
+
+    def condition(self, col: ColumnElement, value: str) -> ColumnElement:
+        """The filter for a cleaned value, bound with the column's type (never pasted in)."""
+        bound = self._bound(value)
+        if self.test == "prefix":
+            escaped = value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+            return col.like(escaped + "%", escape="\\")
+        return TESTS[self.test](col, bound)
+
+    def _bound(self, value: str) -> object:
+        if self.test in ("day_ge", "day_lt"):
+            day = date.fromisoformat(value) + timedelta(days=self.test == "day_lt")
+            if self.column_kind == "date":
+                return day
+            return _as_utc(datetime.combine(day, time.min), self.tz)
+        if self.kind == "datetime":
+            return _as_utc(datetime.fromisoformat(value), self.tz)
+        if self.kind == "number":
+            return Decimal(value)
+        if self.kind == "bool":
+            return value == "true"
+        return value
+
+
+TESTS = {"ge": operator.ge, "lt": operator.lt, "le": operator.le, "eq": operator.eq,
+         "day_ge": operator.ge, "day_lt": operator.lt}
+
+
+def _as_utc(moment: datetime, tz: str) -> datetime:
+    """A wall-clock time in `tz` as the naive UTC time the database stores."""
+    return moment.replace(tzinfo=ZoneInfo(tz)).astimezone(UTC).replace(tzinfo=None)
+
 
 @dataclass(frozen=True)
 class Dataset:
+    """A declared dataset. `table` is the source as SQLAlchemy sees it: a table or view, or a
+    `sql` source as a subquery, paged on `key` alike."""
+
     name: str
     title: str
     description: str
-    table: Table
+    table: FromClause
     columns: tuple[Column, ...]
     key: str = "id"
-    params: tuple[Param, ...] = field(default_factory=tuple)
+    params: tuple[Field, ...] = field(default_factory=tuple)
+    tenant: str | None = "org_id"  # None: scope "all", every row (admins only)
+    tenant_kind: str = "int"
+    roles: tuple[str, ...] = ROLES
+    formats: tuple[str, ...] = ()  # () = every format
+    max_rows: int | None = None
+    filename: str = "{dataset}-{org}-{date}"
+    definition: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def fingerprint(self) -> str:
+        """The definition's SHA-256: a job records it, and never mixes two definitions."""
+        canonical = json.dumps(self.definition or asdict(self), sort_keys=True, default=str)
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+    def allows(self, role: str) -> bool:
+        return role in self.roles and (self.tenant is not None or role == "admin")
 
     def clean_params(self, raw: dict | None) -> dict[str, str]:
-        """Validate a request's parameters; unknown ones are refused, bounds must be in order."""
+        """Validate a request's parameters; unknown ones are refused, ranges must be in order."""
         raw = dict(raw or {})
         errors: dict[str, str] = {}
         cleaned: dict[str, str] = {}
-        known = {p.name: p for p in self.params}
+        known = {f.name: f for f in self.params}
         for name in raw:
             if name not in known:
-                errors[name] = "is not a parameter of this dataset"
+                errors[str(name)[:60]] = "is not a parameter of this dataset"
         for param in self.params:
             try:
                 value = param.clean(raw.get(param.name))
@@ -82,88 +197,71 @@ class Dataset:
                 continue
             if value is not None:
                 cleaned[param.name] = value
-        lo, hi = cleaned.get("date_from"), cleaned.get("date_to")
-        if lo and hi and lo > hi:
-            errors["date_to"] = "must not be before the start date"
+        for param in self.params:
+            lo, hi = cleaned.get(param.after or ""), cleaned.get(param.name)
+            if lo is not None and hi is not None and param.after not in errors and (
+                    _order(param, lo) > _order(param, hi)):
+                errors[param.name] = f"must not be before {known[param.after].label.lower()}"
         if errors:
             raise InvalidParams(errors)
         return cleaned
 
-    def query(self, org_id: int, params: dict[str, str]) -> Select:
-        """Every row of this dataset the organisation may see, filtered; the server sets org_id."""
+    def tenant_value(self, org_key: str) -> object:
+        """The organisation's key as the tenant column holds it."""
+        return int(org_key) if self.tenant_kind == "int" else org_key
+
+    def query(self, org_key: str | None, params: dict[str, str]) -> Select:
+        """Every row the organisation may see, filtered; the server sets `org_key`."""
         t = self.table
-        stmt = select(*(t.c[c.name] for c in self.columns)).where(t.c.org_id == org_id)
-        if "date_from" in params:
-            lo = datetime.combine(date.fromisoformat(params["date_from"]), time.min)
-            stmt = stmt.where(t.c.created_at >= lo)
-        if "date_to" in params:
-            hi = datetime.combine(date.fromisoformat(params["date_to"]) + timedelta(1), time.min)
-            stmt = stmt.where(t.c.created_at < hi)
-        if "status" in params:
-            stmt = stmt.where(t.c.status == params["status"])
+        stmt = select(*(t.c[c.name] for c in self.columns))
+        if self.tenant is not None:
+            stmt = stmt.where(t.c[self.tenant] == self.tenant_value(org_key))
+        for param in self.params:
+            if param.name in params:
+                stmt = stmt.where(param.condition(t.c[param.column], params[param.name]))
         return stmt
 
-    def batch(self, org_id: int, params: dict[str, str], after: object,
+    def batch(self, org_key: str | None, params: dict[str, str], after: object,
               size: int | None) -> Select:
         """The next `size` rows after key `after` (keyset pagination: never OFFSET)."""
         key = self.table.c[self.key]
-        stmt = self.query(org_id, params)
+        stmt = self.query(org_key, params)
         if after is not None:
             stmt = stmt.where(key > after)
         return stmt.order_by(key).limit(size)
 
-    def count(self, org_id: int, params: dict[str, str]) -> Select:
-        return select(func.count()).select_from(self.query(org_id, params).subquery())
+    def count(self, org_key: str | None, params: dict[str, str]) -> Select:
+        return select(func.count()).select_from(self.query(org_key, params).subquery())
+
+    def choices_query(self, param: Field, org_key: str | None) -> Select:
+        """The distinct values a choice read from its column offers this organisation."""
+        col = self.table.c[param.column]
+        tenant = (self.table.c[self.tenant] == self.tenant_value(org_key)
+                  if self.tenant is not None else true())
+        return select(col).where(tenant, col.is_not(None)).distinct().order_by(col).limit(200)
 
     @property
     def column_names(self) -> Sequence[str]:
         return [c.name for c in self.columns]
 
-
-def _date_range_and_status(statuses: tuple[str, ...]) -> tuple[Param, ...]:
-    return (
-        Param("date_from", "From", "date"),
-        Param("date_to", "To", "date"),
-        Param("status", "Status", "choice", statuses),
-    )
+    @property
+    def headers(self) -> Sequence[str]:
+        return [c.header for c in self.columns]
 
 
-TRANSACTION_STATUSES = ("pending", "settled", "refunded", "failed")
-ORDER_STATUSES = ("open", "shipped", "delivered", "cancelled")
+def _order(param: Field, value: str) -> object:
+    return Decimal(value) if param.kind == "number" else value
 
-DATASETS: dict[str, Dataset] = {
-    d.name: d
-    for d in (
-        Dataset(
-            name="transactions",
-            title="Transactions",
-            description="Payments with amount, currency, status and customer.",
-            table=Transaction.__table__,
-            columns=(
-                Column("id", "int"),
-                Column("created_at", "datetime"),
-                Column("amount", "decimal", scale=2),
-                Column("currency", "text"),
-                Column("status", "text"),
-                Column("customer_email", "text"),
-                Column("description", "text"),
-            ),
-            params=_date_range_and_status(TRANSACTION_STATUSES),
-        ),
-        Dataset(
-            name="orders",
-            title="Orders",
-            description="Orders with customer, total, status and line items.",
-            table=Order.__table__,
-            columns=(
-                Column("id", "int"),
-                Column("created_at", "datetime"),
-                Column("customer", "text"),
-                Column("total", "decimal", scale=2),
-                Column("status", "text"),
-                Column("items", "text"),
-            ),
-            params=_date_range_and_status(ORDER_STATUSES),
-        ),
-    )
-}
+
+def registry() -> dict[str, Dataset]:
+    """The datasets of the running app (read from DATASETS_FILE by webapp.create_app)."""
+    return current_app.extensions["exportdesk.datasets"]
+
+
+def get(name: object) -> Dataset | None:
+    return registry().get(name) if isinstance(name, str) else None
+
+
+def visible(user) -> dict[str, Dataset]:
+    """The datasets `user` may export, by name."""
+    return {name: d for name, d in registry().items() if d.allows(user.role)}

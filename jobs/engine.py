@@ -18,9 +18,8 @@ from flask import current_app
 from huey.exceptions import TaskTimeout
 from sqlalchemy import func, select, update
 
-from jobs import dispatch, lanes, signals
+from jobs import datasets, dispatch, lanes, signals, source
 from jobs.checkpoints import Checkpoint, fault, record_checkpoint
-from jobs.datasets import DATASETS
 from jobs.failures import AttemptFailed, PermanentFailure, caused_by, is_permanent, reason
 from jobs.formats import RESUMABLE, stream
 from jobs.models import ExportJob, JobAttempt, JobState, User, db, locked, utcnow
@@ -264,11 +263,21 @@ def _export(job: ExportJob, attempt: JobAttempt, claim: str, files: LocalStorage
     noting why); a complete checkpoint is only published; a file published before the commit
     that should have followed is recognised by its length and digest and not written again.
     """
-    dataset = DATASETS.get(job.dataset)
+    dataset = datasets.get(job.dataset)
     if dataset is None:
         raise PermanentFailure(f"The dataset {job.dataset!r} no longer exists.")
     params = dataset.clean_params(job.params)
     start = Checkpoint.from_json(job.checkpoint)
+    changed = job.definition is not None and job.definition != dataset.fingerprint
+    if job.definition != dataset.fingerprint:
+        values: dict = {"definition": dataset.fingerprint}
+        if changed and (start.rows or start.part):  # never one file from two definitions
+            attempt.note = (f"Started over from the first row: the dataset {dataset.name!r} "
+                            "was redefined after its first rows were written.")
+            log.warning("job %s: %s", job.id, attempt.note)
+            start = Checkpoint()
+            values.update(checkpoint=None, rows_done=0, bytes=0, rows_total=None)
+        _save(job.id, claim, **values)
     if job.format not in RESUMABLE and not start.complete:
         start = Checkpoint()
     if start.complete and start.part:
@@ -291,12 +300,18 @@ def _export(job: ExportJob, attempt: JobAttempt, claim: str, files: LocalStorage
         if start.complete:  # every row is in the copied prefix
             position = start
         else:
-            with db.engine.connect() as conn:
-                if job.rows_total is None:
-                    total = conn.execute(dataset.count(job.org_id, params)).scalar_one()
+            org_key = job.organisation.data_key_or_id
+            with source.connect() as conn:
+                total = job.rows_total
+                if total is None:
+                    total = conn.execute(dataset.count(org_key, params)).scalar_one()
                     _save(job.id, claim, rows_total=total,
                           lease_expires_at=utcnow() + _lease())
-                position = stream(conn, dataset, job.org_id, params, out, start, on_checkpoint,
+                if dataset.max_rows is not None and total > dataset.max_rows:
+                    raise PermanentFailure(
+                        f"This export has {total:,} rows; {dataset.title} allows at most "
+                        f"{dataset.max_rows:,}. Narrow the filters.")
+                position = stream(conn, dataset, org_key, params, out, start, on_checkpoint,
                                   current_app.config["EXPORT_BATCH_ROWS"],
                                   current_app.config["CHECKPOINT_INTERVAL"], job.format,
                                   current_app.config["CSV_BOM"])

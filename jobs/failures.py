@@ -9,6 +9,7 @@ from huey.exceptions import TaskTimeout
 from redis import exceptions as redis_exc
 from sqlalchemy import exc as sa_exc
 
+from jobs import source
 from jobs.datasets import InvalidParams
 from jobs.formats import TooManyRows
 
@@ -33,7 +34,8 @@ STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.E
 
 
 def is_permanent(exc: BaseException) -> bool:
-    return isinstance(exc, InvalidParams | PermanentFailure | TooManyRows)
+    """Also a statement past the source's time limit: the same query would run as long again."""
+    return isinstance(exc, InvalidParams | PermanentFailure | TooManyRows) or source.timed_out(exc)
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -49,6 +51,10 @@ def reason(exc: BaseException) -> str:
         return f"Invalid parameters: {first}"
     if isinstance(exc, PermanentFailure | TooManyRows):
         return first
+    if source.timed_out(exc):
+        return ("The query ran past the source database's statement timeout "
+                "(SOURCE_STATEMENT_TIMEOUT): narrow the filters, or ask an operator to index "
+                "the dataset's key and filter columns or to raise the limit.")
     if isinstance(exc, OSError) and exc.errno in STORAGE_ERRNOS:
         where = f" ({exc.filename})" if exc.filename else ""
         return f"Storage error: {os.strerror(exc.errno)}{where}"

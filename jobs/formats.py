@@ -48,7 +48,7 @@ class TooManyRows(ValueError):
 def stream(
     conn: Connection,
     dataset: Dataset,
-    org_id: int,
+    org_key: str | None,
     params: dict[str, str],
     out: Part,
     start: Checkpoint,
@@ -66,7 +66,7 @@ def stream(
     members are one valid gzip stream), so it resumes like csv. xlsx always starts from zero.
     """
     if fmt == "xlsx":
-        return _stream_xlsx(conn, dataset, org_id, params, out, on_checkpoint, batch_rows,
+        return _stream_xlsx(conn, dataset, org_key, params, out, on_checkpoint, batch_rows,
                             interval)
     if fmt not in RESUMABLE:
         raise InvalidParams({"format": f"unknown format {fmt!r}"})
@@ -88,7 +88,7 @@ def stream(
     if out.size == 0:
         emit(("\ufeff".encode() if bom else b"") + header(dataset))
     last_checkpoint = time.monotonic()
-    reader = pages.pages(conn, dataset, org_id, params, position.last_key, batch_rows)
+    reader = pages.pages(conn, dataset, org_key, params, position.last_key, batch_rows)
     try:
         for batch in reader:
             emit(batch.data)
@@ -103,7 +103,7 @@ def stream(
     return position
 
 
-def _stream_xlsx(conn: Connection, dataset: Dataset, org_id: int, params: dict[str, str],
+def _stream_xlsx(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[str, str],
                  out: Part, on_checkpoint: Callable[[Checkpoint], None], batch_rows: int,
                  interval: float) -> Checkpoint:
     """One sheet with typed cells, in XlsxWriter's constant_memory mode (rows go to a temp
@@ -122,13 +122,13 @@ def _stream_xlsx(conn: Connection, dataset: Dataset, org_id: int, params: dict[s
             sheet.set_column(i, i, 12, money)
         elif column.kind == "datetime":
             sheet.set_column(i, i, 19)
-    sheet.write_row(0, 0, dataset.column_names)
+    sheet.write_row(0, 0, dataset.headers)
     cells = [XLSX_CELLS[c.kind] for c in dataset.columns]
     key_index = dataset.column_names.index(dataset.key)
     position = Checkpoint()
     last_checkpoint = time.monotonic()
     while True:
-        rows = conn.execute(dataset.batch(org_id, params, position.last_key, batch_rows)).all()
+        rows = conn.execute(dataset.batch(org_key, params, position.last_key, batch_rows)).all()
         if not rows:
             break
         if position.rows + len(rows) > XLSX_MAX_ROWS:

@@ -8,8 +8,7 @@ from datetime import date, datetime, timedelta
 
 from sqlalchemy import Column, DateTime, Table, bindparam, func, select
 
-from jobs import dispatch
-from jobs.datasets import DATASETS
+from jobs import datasets, dispatch
 from jobs.lanes import LANES
 from jobs.models import (
     EmailState,
@@ -91,7 +90,7 @@ class JobFilter:
         return cls(
             state=pick("state", STATES),
             lane=pick("lane", LANES),
-            dataset=pick("dataset", DATASETS),
+            dataset=pick("dataset", datasets.registry()),
             user=(args.get("user") or "").strip()[:254],
             date_from=_date(args.get("date_from")),
             date_to=_date(args.get("date_to")),

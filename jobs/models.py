@@ -14,6 +14,8 @@ from sqlalchemy import JSON, ForeignKey, Index, Numeric, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, validates
 from werkzeug.security import check_password_hash, generate_password_hash
 
+from jobs import datasets
+
 
 class Base(DeclarativeBase):
     pass
@@ -73,6 +75,12 @@ class Organisation(db.Model):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(120), unique=True)
     slug: Mapped[str] = mapped_column(String(60), unique=True)
+    # The value of a dataset's tenant column on this organisation's rows (its id when unset).
+    data_key: Mapped[str | None] = mapped_column(String(200), default=None)
+
+    @property
+    def data_key_or_id(self) -> str:
+        return self.data_key if self.data_key is not None else str(self.id)
 
 
 class User(UserMixin, db.Model):
@@ -147,6 +155,8 @@ class ExportJob(db.Model):
     file_name: Mapped[str | None] = mapped_column(String(255), default=None)
     # SHA-256 (hex) of the published file's bytes, computed while writing: the download's ETag.
     sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    # SHA-256 of the dataset's definition the rows were written with (jobs.datasets).
+    definition: Mapped[str | None] = mapped_column(String(64), default=None)
     checkpoint: Mapped[dict | None] = mapped_column(JSON, default=None)
     error: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -182,9 +192,13 @@ class ExportJob(db.Model):
         return progress(self.state, self.rows_done, self.rows_total)
 
     def download_name(self) -> str:
-        """What the browser saves the file as, e.g. transactions-acme-2026-11-22.csv."""
-        day = self.created_at.date().isoformat()
-        return f"{self.dataset}-{self.organisation.slug}-{day}.{self.format}"
+        """What the browser saves the file as, from its dataset's `filename` pattern, e.g.
+        transactions-acme-2026-11-22.csv."""
+        dataset = datasets.get(self.dataset)
+        pattern = dataset.filename if dataset else "{dataset}-{org}-{date}"
+        stem = pattern.format(dataset=self.dataset, org=self.organisation.slug,
+                              date=self.created_at.date().isoformat())
+        return f"{stem}.{self.format}"
 
 
 def param_search_values(params: dict) -> set[str]:

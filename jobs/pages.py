@@ -11,12 +11,12 @@ from jobs.csvrows import Batch
 from jobs.datasets import Dataset
 
 
-def pages(conn: Connection, dataset: Dataset, org_id: int, params: dict[str, str],
+def pages(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[str, str],
           after: object, batch_rows: int) -> Iterator[Batch]:
     """The dataset's rows after key `after` as CSV, `batch_rows` rows per batch, in key order:
     the same bytes from every database (jobs.csvrows)."""
     if conn.dialect.name == "postgresql":
-        return postgres_pages.pages(conn, dataset, org_id, params, after, batch_rows)
+        return postgres_pages.pages(conn, dataset, org_key, params, after, batch_rows)
     if conn.dialect.name == "sqlite":
-        return sqlite_pages.pages(conn, dataset, org_id, params, after, batch_rows)
+        return sqlite_pages.pages(conn, dataset, org_key, params, after, batch_rows)
     raise NotImplementedError(f"no CSV path for {conn.dialect.name}")

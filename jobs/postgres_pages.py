@@ -22,10 +22,10 @@ from jobs.csvrows import FORMULA_PREFIXES, Batch
 from jobs.datasets import Dataset
 
 
-def copy_query(dataset: Dataset, org_id: int, params: dict[str, str], after: object,
+def copy_query(dataset: Dataset, org_key: str | None, params: dict[str, str], after: object,
                size: int | None) -> Select:
     """The page as PostgreSQL text columns, ready for COPY (also the benchmark's psql query)."""
-    stmt = dataset.batch(org_id, params, after, size)
+    stmt = dataset.batch(org_key, params, after, size)
     return stmt.with_only_columns(
         *(_pg_text(dataset.table.c[c.name], c.kind) for c in dataset.columns),
         maintain_column_froms=True,
@@ -48,7 +48,7 @@ def _pg_text(col: ColumnElement, kind: str) -> ColumnElement:
 PAGES_IN_FLIGHT = 2  # PostgreSQL formats a page slower than we read it: two backends at once
 
 
-def pages(conn: Connection, dataset: Dataset, org_id: int, params: dict[str, str],
+def pages(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[str, str],
           after: object, size: int) -> Iterator[Batch]:
     """Pages as key ranges read side by side: the key that ends each page is looked up first
     on `conn` (the `size`-th key after the last one, read from the key's index), so the next
@@ -63,9 +63,9 @@ def pages(conn: Connection, dataset: Dataset, org_id: int, params: dict[str, str
     def compiled(stmt: Select):
         return stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
 
-    ends = {first: dataset.batch(org_id, params, None if first else lower, 1)
+    ends = {first: dataset.batch(org_key, params, None if first else lower, 1)
             .with_only_columns(key).offset(size - 1) for first in (True, False)}
-    queries = {(first, last): compiled(copy_query(dataset, org_id, params,
+    queries = {(first, last): compiled(copy_query(dataset, org_key, params,
                                                   None if first else lower,
                                                   size if last else None)
                                        .where(*([] if last else [key <= upper])))

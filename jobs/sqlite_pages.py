@@ -9,6 +9,8 @@ SQLAlchemy; the key after which a page starts is bound by the reader (`?`).
 from __future__ import annotations
 
 import json
+import os
+import select
 import struct
 import subprocess
 import sys
@@ -27,6 +29,7 @@ from sqlalchemy import (
     literal_column,
 )
 
+from jobs import source
 from jobs.csvrows import Batch
 from jobs.datasets import Dataset
 
@@ -47,7 +50,7 @@ def _sqlite_column(col: ColumnElement, kind: str) -> ColumnElement:
     return func.coalesce(cast(col, Text), "")
 
 
-def pages(conn: Connection, dataset: Dataset, org_id: int, params: dict[str, str],
+def pages(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[str, str],
           after: object, size: int) -> Iterator[Batch]:
     """The pages as the reader process sends them; ReadFailed with its last line of error
     when it stops with one. Closing the iterator early kills the reader."""
@@ -56,22 +59,25 @@ def pages(conn: Connection, dataset: Dataset, org_id: int, params: dict[str, str
                *(_sqlite_column(table.c[c.name], c.kind) for c in dataset.columns)]
 
     def page(after: object) -> str:
-        stmt = dataset.batch(org_id, params, after, size)
+        stmt = dataset.batch(org_key, params, after, size)
         return _sql(conn, stmt.with_only_columns(*columns, maintain_column_froms=True))
 
+    source.check_sqlite(conn, page(None))  # refused here if it would do more than read
     spec = {"database": conn.engine.url.database, "size": size, "after": after,
             "frame": FRAME.format,
             "kinds": [c.kind for c in dataset.columns],
             "from_start": page(None), "after_key": page(literal_column("?"))}  # ?: bound per page
     reader = subprocess.Popen([sys.executable, "-m", "jobs.sqlite_reader"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent)
+                              stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent,
+                              bufsize=0)
+    limit = source.timeout()
     try:
         reader.stdin.write(json.dumps(spec).encode())
         reader.stdin.close()
-        while header := reader.stdout.read(FRAME.size):
+        while header := _read(reader.stdout, FRAME.size, limit):
             rows, last_key, length = FRAME.unpack(header)
-            yield Batch(reader.stdout.read(length), rows, last_key)
+            yield Batch(_read(reader.stdout, length, limit), rows, last_key)
         if reader.wait() != 0:
             error = reader.stderr.read().decode(errors="replace").strip().splitlines()
             raise ReadFailed(error[-1] if error else f"exit status {reader.returncode}")
@@ -81,6 +87,22 @@ def pages(conn: Connection, dataset: Dataset, org_id: int, params: dict[str, str
             reader.wait()
         reader.stdout.close()
         reader.stderr.close()
+
+
+def _read(pipe, size: int, limit: float) -> bytes:
+    """`size` bytes from the reader (fewer only at its end); StatementTimeout when a page
+    takes longer than the source's statement time limit."""
+    chunks, wanted = [], size
+    while wanted:
+        if not select.select([pipe], [], [], limit)[0]:
+            raise source.StatementTimeout(
+                f"A page took longer than the source database's statement timeout ({limit:g} s)")
+        chunk = os.read(pipe.fileno(), min(wanted, 1 << 20))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        wanted -= len(chunk)
+    return b"".join(chunks)
 
 
 def _sql(conn: Connection, stmt: Select) -> str:

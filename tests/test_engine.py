@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import html
 import io
+import sqlite3
 
 import pytest
 from conftest import login, run_inline
@@ -13,8 +14,10 @@ from sqlalchemy import create_engine, text
 
 from jobs import pages
 from jobs.csvrows import header
-from jobs.datasets import DATASETS
+from jobs.dataset_file import load as load_datasets
 from jobs.sqlite_pages import ReadFailed
+
+DATASETS = load_datasets()  # the shipped demo file
 
 
 def parse(data: bytes) -> list[list[str]]:
@@ -66,11 +69,17 @@ def test_unknown_dataset_fails_for_good_with_a_reason(app):
 
 
 
-def test_a_failing_sqlite_reader_raises_its_error(tmp_path):
-    """The SQLite pages come from a reader process: its error reaches the attempt."""
-    gone = tmp_path / "gone.db"
-    with create_engine(f"sqlite:///{gone}").connect() as conn:
-        gone.unlink()
+def test_a_failing_sqlite_reader_raises_its_error(app, tmp_path):
+    """The SQLite pages come from a reader process: its error reaches the attempt. (The
+    statement is prepared here first, on a database that has the table; the reader is
+    pointed at a file that is gone.)"""
+    real = tmp_path / "real.db"
+    with sqlite3.connect(real) as db_file:
+        db_file.execute("create table orders (id integer primary key, org_id, created_at, "
+                        "customer, total, status, items)")
+    gone = create_engine(f"sqlite:///{tmp_path / 'gone.db'}",
+                         creator=lambda: sqlite3.connect(real))
+    with app.app_context(), gone.connect() as conn:
         with pytest.raises(ReadFailed, match="failed to open"):
             list(pages.pages(conn, DATASETS["orders"], 1, {}, None, 10))
 

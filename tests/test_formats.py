@@ -19,10 +19,12 @@ from sqlalchemy import insert
 
 from jobs import formats
 from jobs.checkpoints import Checkpoint
-from jobs.datasets import DATASETS
+from jobs.dataset_file import load as load_datasets
 from jobs.models import ExportJob, Organisation, Transaction, User, db
 from jobs.storage import LocalStorage, Part, Prefix
 from webapp.auth import find_user
+
+DATASETS = load_datasets()  # the shipped demo file
 
 
 def parse(data: bytes) -> list[list[str]]:

@@ -11,7 +11,8 @@ from sqlalchemy import event
 from sqlalchemy.engine import Engine
 from werkzeug.exceptions import HTTPException
 
-from jobs import lanes, tasks  # noqa: F401 (tasks: declares every task on its lane)
+from jobs import dataset_file, lanes, tasks  # noqa: F401 (tasks: declares every task on its lane)
+from jobs.dataset_file import DatasetFileError
 from jobs.models import db
 from webapp import admin, api, auth, cli, config, emails, exports, links, ops
 from webapp.extensions import csrf, login_manager, migrate
@@ -24,7 +25,10 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     """Web, consumers and workers share SQLite files: WAL lets readers run beside one writer."""
     if isinstance(dbapi_connection, sqlite3.Connection):
         cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.OperationalError:  # a read-only connection (jobs.source) keeps the mode
+            pass
         cursor.execute("PRAGMA busy_timeout=30000")
         cursor.execute("PRAGMA foreign_keys=ON")
         cursor.execute("PRAGMA synchronous=NORMAL")
@@ -49,9 +53,12 @@ def create_app(test_config: dict | None = None) -> Flask:
     csrf.init_app(app)
     login_manager.init_app(app)
 
+    try:
+        app.extensions["exportdesk.datasets"] = dataset_file.load(app.config["DATASETS_FILE"])
+    except DatasetFileError as exc:  # refuse to start, with the file's problems, no traceback
+        raise SystemExit(f"exportdesk cannot start: {exc}") from None
     lanes.init_app(app)
     emails.init_app(app)
-
 
     app.register_blueprint(auth.bp)
     app.register_blueprint(exports.bp)

@@ -9,8 +9,7 @@ from flask import Blueprint, abort, current_app, flash, redirect, request, url_f
 from flask_login import current_user, login_required
 from sqlalchemy import Column, select
 
-from jobs import dispatch, listing, retention
-from jobs.datasets import DATASETS
+from jobs import datasets, dispatch, listing, retention
 from jobs.lanes import LANES
 from jobs.listing import STATES, Cursor, JobFilter
 from jobs.models import AdminAction, ExportJob, OutboundEmail, db
@@ -67,7 +66,7 @@ def jobs():
     rows, after = listing.page_of_rows(where, Cursor.parse(request.args.get("after")))
     return _render("admin/jobs.html", rows=rows, where=where, args=where.args(), after=after,
                    paged=bool(request.args.get("after")), states=STATES,
-                   lanes=LANES, datasets=DATASETS)
+                   lanes=LANES, datasets=datasets.registry())
 
 
 def _found(model: type, row_id: int):

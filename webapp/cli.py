@@ -13,9 +13,9 @@ import click
 from flask import Flask, current_app
 from sqlalchemy import select
 
-from jobs import lanes
+from jobs import datasets, lanes, source
 from jobs.checkpoints import Checkpoint
-from jobs.datasets import DATASETS, InvalidParams
+from jobs.datasets import InvalidParams, visible
 from jobs.formats import FORMATS, stream
 from jobs.models import ExportJob, JobState, db
 from jobs.retention import verify
@@ -78,16 +78,18 @@ def export_command(dataset_name: str, email: str, params: tuple[str, ...], fmt: 
     user = find_user(email)
     if user is None:
         raise click.UsageError(f"no user {email!r}")
-    dataset = DATASETS.get(dataset_name)
-    if dataset is None:
-        raise click.UsageError(f"unknown dataset {dataset_name!r}; choose {', '.join(DATASETS)}")
+    dataset = datasets.get(dataset_name)
+    if dataset is None or not dataset.allows(user.role):
+        raise click.UsageError(f"unknown dataset {dataset_name!r}; choose "
+                               f"{', '.join(sorted(visible(user)))}")
     raw = dict(p.split("=", 1) if "=" in p else (p, "") for p in params)
     try:
         cleaned = dataset.clean_params(raw)
     except InvalidParams as exc:
         raise click.UsageError(str(exc)) from None
-    with db.engine.connect() as conn:
-        total = conn.execute(dataset.count(user.org_id, cleaned)).scalar_one()
+    org_key = user.organisation.data_key_or_id
+    with source.connect() as conn:
+        total = conn.execute(dataset.count(org_key, cleaned)).scalar_one()
         with click.progressbar(length=total, label=f"{dataset_name} → {output}",
                                file=sys.stderr) as bar, Part.create(output) as out:
             done = [0]
@@ -96,7 +98,7 @@ def export_command(dataset_name: str, email: str, params: tuple[str, ...], fmt: 
                 bar.update(cp.rows - done[0])
                 done[0] = cp.rows
 
-            result = stream(conn, dataset, user.org_id, cleaned, out, Checkpoint(), advance,
+            result = stream(conn, dataset, org_key, cleaned, out, Checkpoint(), advance,
                             current_app.config["EXPORT_BATCH_ROWS"], 0.2, fmt,
                             current_app.config["CSV_BOM"])
     click.echo(f"{result.rows} rows, {result.bytes} bytes written to {output} "

@@ -58,6 +58,11 @@ def load() -> dict:
         "SQLALCHEMY_DATABASE_URI": os.environ.get("DATABASE_URL")
         or f"sqlite:///{instance / 'exportdesk.db'}",
         "BROKER_URL": os.environ.get("BROKER_URL", ""),
+        # What can be exported (docs/datasets.md); the demo's datasets when unset.
+        "DATASETS_FILE": os.environ.get("DATASETS_FILE", ""),
+        # The team's database that exports read (read-only); the app's own when unset.
+        "SOURCE_DATABASE_URL": os.environ.get("SOURCE_DATABASE_URL", ""),
+        "SOURCE_STATEMENT_TIMEOUT": _seconds("SOURCE_STATEMENT_TIMEOUT", 300),
         "EXPORT_DIR": os.environ.get("EXPORT_DIR") or str(instance / "exports"),
         "EXPORT_BATCH_ROWS": int(os.environ.get("EXPORT_BATCH_ROWS", 10_000)),
         "CHECKPOINT_INTERVAL": _seconds("CHECKPOINT_INTERVAL", 0.5),

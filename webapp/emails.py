@@ -8,8 +8,7 @@ from email.utils import make_msgid, parseaddr
 from flask import Flask, current_app, render_template
 from sqlalchemy import select
 
-from jobs import dispatch, signals
-from jobs.datasets import DATASETS
+from jobs import datasets, dispatch, signals
 from jobs.models import ExportJob, JobState, OutboundEmail, User, db, utcnow
 from webapp.tokens import DownloadGrant, download_token, reset_token
 
@@ -49,7 +48,7 @@ def queue_email(key: str, kind: str, to: str, subject: str, template: str,
 
 
 def _title(job: ExportJob) -> str:
-    dataset = DATASETS.get(job.dataset)
+    dataset = datasets.get(job.dataset)
     return dataset.title if dataset else job.dataset
 
 

@@ -18,9 +18,10 @@ from flask import (
 )
 from flask_login import current_user, login_required
 from sqlalchemy import func, select
+from sqlalchemy.exc import SQLAlchemyError
 
-from jobs import dispatch
-from jobs.datasets import DATASETS, InvalidParams
+from jobs import datasets, dispatch, source
+from jobs.datasets import Dataset, Field, InvalidParams, visible
 from jobs.formats import FORMATS
 from jobs.models import ExportJob, JobState, User, db, locked, utcnow
 from jobs.storage import storage
@@ -54,12 +55,13 @@ def request_export(user: User, dataset_name: object, fmt: object, params: object
     double click). Checked under a lock on the user's row, so two concurrent requests cannot
     both create a job.
     """
-    dataset = DATASETS.get(dataset_name) if isinstance(dataset_name, str) else None
-    if dataset is None:
-        raise InvalidParams({"dataset": f"Unknown dataset; choose one of {', '.join(DATASETS)}"})
+    dataset = datasets.get(dataset_name)
+    if dataset is None or not dataset.allows(user.role):
+        raise InvalidParams({"dataset": "Unknown dataset; choose one of "
+                                        f"{', '.join(sorted(visible(user)))}"})
     errors = {}
-    if fmt not in FORMATS:
-        errors["format"] = f"unknown format; choose one of {', '.join(FORMATS)}"
+    if fmt not in dataset.formats:
+        errors["format"] = f"unknown format; choose one of {', '.join(dataset.formats)}"
     if params is not None and not isinstance(params, dict):
         errors["params"] = "must be an object of parameter names to values"
         params = {}
@@ -107,6 +109,7 @@ def request_export(user: User, dataset_name: object, fmt: object, params: object
         user=user,
         org_id=user.org_id,  # tenancy comes from the server, never from the request
         dataset=dataset.name,
+        definition=dataset.fingerprint,
         params=cleaned,
         format=fmt,
         lane="exports",
@@ -178,8 +181,23 @@ def _my_jobs() -> list[ExportJob]:
     ))
 
 
+def _choices(dataset: Dataset, param: Field) -> list[str]:
+    """A choice's values: listed in the file, or the distinct values of its column among the
+    user's organisation's rows (none offered, but any value accepted, when it cannot be read)."""
+    if not param.choices_from_column:
+        return list(param.choices)
+    try:
+        with source.connect() as conn:
+            key = current_user.organisation.data_key_or_id
+            return [str(v) for v in conn.scalars(dataset.choices_query(param, key))]
+    except SQLAlchemyError:
+        current_app.logger.exception("choices of %s.%s", dataset.name, param.name)
+        return []
+
+
 def _render_form(errors: dict, chosen: str | None, values, status: int = 200):
-    return render_template("exports/new.html", datasets=DATASETS.values(), formats=FORMATS,
+    return render_template("exports/new.html", datasets=visible(current_user).values(),
+                           formats=FORMATS, choices=_choices,
                            errors=errors, chosen=chosen, values=values), status
 
 
@@ -217,12 +235,12 @@ def create():
 @login_required
 def check():
     """Inline validation while the form is filled in: the dataset's error slots, out of band."""
-    dataset = DATASETS.get(request.form.get("dataset", ""))
-    if dataset is None:
+    dataset = datasets.get(request.form.get("dataset", ""))
+    if dataset is None or not dataset.allows(current_user.role):
         abort(404)
     errors: dict[str, str] = {}
-    if request.form.get("format", "csv") not in FORMATS:
-        errors["format"] = f"unknown format; choose one of {', '.join(FORMATS)}"
+    if request.form.get("format", "csv") not in dataset.formats:
+        errors["format"] = f"unknown format; choose one of {', '.join(dataset.formats)}"
     try:
         dataset.clean_params(_form_params())
     except InvalidParams as exc:
