@@ -105,6 +105,8 @@ class Field:
                 raise ValueError("must be a number like 12.50") from None
             if not number.is_finite():
                 raise ValueError("must be a finite number")
+            if number and abs(number.adjusted()) > 30:
+                raise ValueError("is out of range")
             return str(number)
         if self.kind == "bool":
             value = raw.lower()

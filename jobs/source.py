@@ -5,10 +5,11 @@ whatever user the URL names (docs still tell operators to give exportdesk a read
 
 - PostgreSQL: `default_transaction_read_only` and `statement_timeout`, set for the session;
 - SQLite: opened read-only (`mode=ro`), with an authorizer that allows reading and nothing
-  else (no ATTACH, no PRAGMA, no writes: refused when the statement is prepared) and a
-  progress handler that interrupts a statement past its time limit. The Arrow reader process
-  (jobs.sqlite_reader) opens the file read-only too; its SQL is prepared here first, under
-  the authorizer (`check_sqlite`), and the parent kills it when a page takes too long.
+  else (no ATTACH, no writes, no PRAGMA but schema questions: refused when a statement is
+  prepared) and a progress handler that interrupts a statement past its time limit. The
+  Arrow reader process (jobs.sqlite_reader) opens the file read-only too; its SQL is
+  prepared here first, under the authorizer (`check_sqlite`), and the parent kills it when a
+  page takes too long.
 """
 
 from __future__ import annotations
@@ -75,8 +76,16 @@ def make_engine(url: str, limit: float) -> Engine:
     return made
 
 
-def _read_only(action: int, *_args) -> int:
-    return sqlite3.SQLITE_OK if action in READ_ONLY_ACTIONS else sqlite3.SQLITE_DENY
+# Schema questions `flask datasets check` asks (reading a pragma: never setting one).
+SCHEMA_PRAGMAS = {"table_info", "table_xinfo", "index_list", "index_info", "index_xinfo",
+                  "foreign_key_list"}
+
+
+def _read_only(action: int, arg1: str | None, arg2: str | None, *_where) -> int:
+    if action in READ_ONLY_ACTIONS or (
+            action == sqlite3.SQLITE_PRAGMA and arg1 in SCHEMA_PRAGMAS and arg2 is not None):
+        return sqlite3.SQLITE_OK
+    return sqlite3.SQLITE_DENY
 
 
 def check_sqlite(conn: Connection, sql: str) -> None:

@@ -6,10 +6,18 @@ from flask import Blueprint, abort, jsonify, request, url_for
 from flask_login import current_user, login_required
 
 from jobs import dispatch, listing
-from jobs.datasets import InvalidParams
+from jobs.datasets import InvalidParams, visible
 from jobs.listing import JobFilter
 from jobs.models import ExportJob, db
-from webapp.exports import IdempotencyConflict, TooManyExports, job_for, request_export
+from webapp.exports import (
+    IdempotencyConflict,
+    TooManyExports,
+    job_for,
+    request_export,
+)
+from webapp.exports import (
+    choices as _choices,
+)
 from webapp.views import job_action
 
 PAGE = 50
@@ -44,6 +52,33 @@ def job_json(job: ExportJob) -> dict:
         if job.state == "succeeded"
         else None,
     }
+
+
+@bp.get("/datasets")
+@login_required
+def list_datasets():
+    """What the caller may export: columns, formats and each parameter field with its type,
+    whether it is required, its default, its bounds (a range's other end) and its choices."""
+    return jsonify(datasets=[{
+        "name": d.name,
+        "title": d.title,
+        "description": d.description,
+        "formats": list(d.formats),
+        "max_rows": d.max_rows,
+        "columns": [{"name": c.name, "label": c.header, "kind": c.kind} for c in d.columns],
+        "params": [{
+            "name": f.name,
+            "kind": f.kind,
+            "label": f.label,
+            "help": f.help or None,
+            "required": f.required,
+            "default": f.default,
+            "not_before": f.after,
+            "choices": _choices(d, f) if f.kind == "choice" else None,
+            "match": "prefix" if f.test == "prefix" else None,
+            "timezone": f.tz if f.kind in ("date", "datetime") else None,
+        } for f in d.params],
+    } for d in visible(current_user).values()])
 
 
 @bp.post("/exports")

@@ -11,13 +11,14 @@ from pathlib import Path
 
 import click
 from flask import Flask, current_app
-from sqlalchemy import select
+from flask.cli import AppGroup
+from sqlalchemy import TableClause, select
 
-from jobs import datasets, lanes, source
+from jobs import dataset_check, datasets, lanes, source
 from jobs.checkpoints import Checkpoint
 from jobs.datasets import InvalidParams, visible
 from jobs.formats import FORMATS, stream
-from jobs.models import ExportJob, JobState, db
+from jobs.models import ExportJob, JobState, Organisation, db
 from jobs.retention import verify
 from jobs.storage import Part
 from webapp import seed
@@ -27,7 +28,7 @@ from webapp.devserver import run_together
 
 def init_app(app: Flask) -> None:
     for command in (seed_command, worker_command, export_command, token_group, verify_command,
-                    dev_command):
+                    dev_command, datasets_group, orgs_group):
         app.cli.add_command(command)
 
 
@@ -182,3 +183,55 @@ def dev_command(port: int) -> None:
         },
         cwd=root,
     ))
+
+
+@click.group("datasets", cls=AppGroup)
+def datasets_group() -> None:
+    """The datasets file (DATASETS_FILE): what can be exported."""
+
+
+@datasets_group.command("check")
+def datasets_check_command() -> None:
+    """Hold every dataset against the source database; exit 1 on any problem.
+
+    (A file that cannot be read, or a field that is wrong, stops every command before this
+    one, with the file, the dataset and the field named.)"""
+    problems = 0
+    for dataset in datasets.registry().values():
+        report = dataset_check.check(dataset, source.engine())
+        where = (f"table {dataset.table.fullname}" if isinstance(dataset.table, TableClause)
+                 else "sql")
+        scope = f"tenant {dataset.tenant}" if dataset.tenant else "scope all (admins only)"
+        state = "ok" if not report.problems else f"{len(report.problems)} problem(s)"
+        click.echo(f"{dataset.name} ({where}, {scope}): {state}")
+        for line in report.lines:
+            click.echo(f"  {line}")
+        for problem in report.problems:
+            click.echo(f"  PROBLEM {problem}")
+        problems += len(report.problems)
+    file = current_app.config["DATASETS_FILE"] or "the demo's datasets"
+    click.echo(f"{len(datasets.registry())} dataset(s) in {file}: "
+               f"{problems or 'no'} problem(s)")
+    if problems:
+        sys.exit(1)
+
+
+@click.group("orgs", cls=AppGroup)
+def orgs_group() -> None:
+    """Organisations."""
+
+
+@orgs_group.command("data-key")
+@click.argument("slug")
+@click.argument("value", required=False)
+@click.option("--clear", is_flag=True, help="Use the organisation's id again.")
+def org_data_key_command(slug: str, value: str | None, clear: bool) -> None:
+    """Show or set the value of the tenant column on the organisation's rows."""
+    org = db.session.scalar(select(Organisation).where(Organisation.slug == slug))
+    if org is None:
+        raise click.UsageError(f"no organisation {slug!r}")
+    if value is not None or clear:
+        org.data_key = None if clear else value
+        db.session.commit()
+    click.echo(f"{org.slug}: {org.data_key_or_id}"
+               f"{' (its id: no data key set)' if org.data_key is None else ''}")

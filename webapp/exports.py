@@ -181,7 +181,7 @@ def _my_jobs() -> list[ExportJob]:
     ))
 
 
-def _choices(dataset: Dataset, param: Field) -> list[str]:
+def choices(dataset: Dataset, param: Field) -> list[str]:
     """A choice's values: listed in the file, or the distinct values of its column among the
     user's organisation's rows (none offered, but any value accepted, when it cannot be read)."""
     if not param.choices_from_column:
@@ -197,7 +197,7 @@ def _choices(dataset: Dataset, param: Field) -> list[str]:
 
 def _render_form(errors: dict, chosen: str | None, values, status: int = 200):
     return render_template("exports/new.html", datasets=visible(current_user).values(),
-                           formats=FORMATS, choices=_choices,
+                           formats=FORMATS, choices=choices,
                            errors=errors, chosen=chosen, values=values), status
 
 
