@@ -5,6 +5,10 @@ tutorial pattern (ORM objects, OFFSET pages); peak RSS of the worker by export s
     python bench/export.py --quick         # 200k rows; RSS at 20k, 100k and 200k
     python bench/export.py --rows 5000000 --rss 100000,5000000 --postgres URL
 
+Every export reads a declared dataset (a datasets file, DATASETS_FILE) from a source database
+of its own (SOURCE_DATABASE_URL, a copy of the seeded one), as a team's own data is read; the
+database's own tool reads that same source database.
+
 Each timed export runs in a child process; its peak RSS comes from wait4()'s ru_maxrss. The
 peak RSS by size is a real exports consumer's worker process (and its SQLite reader) running
 the job, read from /proc while it runs. The engine
@@ -35,9 +39,44 @@ PG_DEFAULT = "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 USER = "alice@acme.test"
 
 
-def _env(instance: Path, database_url: str) -> dict:
+DATASET = "ledger"
+DATASETS_TOML = """
+[[dataset]]
+name = "ledger"
+title = "Ledger"
+table = "transactions"
+key = "id"
+tenant = "org_id"
+tenant_kind = "int"
+columns = [
+  { name = "id", kind = "int" },
+  { name = "created_at", kind = "datetime" },
+  { name = "amount", kind = "decimal", scale = 2 },
+  { name = "currency", kind = "text" },
+  { name = "status", kind = "text" },
+  { name = "customer_email", kind = "text" },
+  { name = "description", kind = "text" },
+]
+"""
+
+
+def _env(instance: Path, database_url: str, source_url: str = "") -> dict:
+    datasets = instance / "datasets.toml"
+    datasets.write_text(DATASETS_TOML)
     return {**os.environ, "INSTANCE_PATH": str(instance), "DATABASE_URL": database_url,
+            "SOURCE_DATABASE_URL": source_url, "DATASETS_FILE": str(datasets),
             "FLASK_APP": "webapp", "BROKER_URL": "", "PYTHONPATH": str(ROOT)}
+
+
+def source_copy(instance: Path, database_url: str, server: str = "") -> str:
+    """The team's database: a copy of the seeded one, which exports read as their source."""
+    if not server:
+        copy = instance / "team.db"
+        with sqlite3.connect(database_url.removeprefix("sqlite:///")) as seeded, \
+                sqlite3.connect(copy) as target:
+            seeded.backup(target)
+        return f"sqlite:///{copy}"
+    return pg_database(server, "exportdesk_bench_source", template=database_url)
 
 
 def prepare(instance: Path, database_url: str, rows: int) -> None:
@@ -68,12 +107,15 @@ def export_sql(database_url: str) -> str:
     from jobs.dataset_file import load
     from jobs.postgres_pages import copy_query
 
+    declared = Path(tempfile.mkdtemp()) / "datasets.toml"
+    declared.write_text(DATASETS_TOML)
+
     engine = create_engine(database_url)
     with engine.connect() as conn:
         org = conn.execute(text("select id from organisations where slug = 'acme'")).scalar()
     engine.dispose()
     if engine.dialect.name == "postgresql":
-        stmt = copy_query(load()["transactions"], org, {}, None, None)
+        stmt = copy_query(load(declared)[DATASET], org, {}, None, None)
         return str(stmt.compile(engine, compile_kwargs={"literal_binds": True}))
     prefixes = ", ".join(f"char({ord(p)})" for p in FORMULA_PREFIXES)
     texts = ", ".join(f"CASE WHEN substr({c}, 1, 1) IN ({prefixes}) THEN '''' || {c} ELSE {c} END"
@@ -137,7 +179,7 @@ def submit() -> None:
 
     with create_app().app_context():
         user = find_user(USER)
-        job = ExportJob(user=user, org_id=user.org_id, dataset="transactions", params={},
+        job = ExportJob(user=user, org_id=user.org_id, dataset=DATASET, params={},
                         format="csv")
         db.session.add(job)
         db.session.flush()
@@ -222,7 +264,7 @@ def _export(app, kind: str, out: str) -> None:
     if kind == "engine":  # the real thing: job row, checkpoints, progress, publish
         from jobs import engine
 
-        job = ExportJob(user=user, org_id=user.org_id, dataset="transactions", params={},
+        job = ExportJob(user=user, org_id=user.org_id, dataset=DATASET, params={},
                         format="csv")
         db.session.add(job)
         db.session.commit()
@@ -252,14 +294,16 @@ def _export(app, kind: str, out: str) -> None:
             db.session.expunge_all()
 
 
-def pg_database(server: str, name: str) -> str:
+def pg_database(server: str, name: str, template: str = "") -> str:
+    """An empty database `name` on `server` (dropped first), or a copy of `template`'s."""
     from sqlalchemy import create_engine, make_url
 
     url = make_url(server)
     engine = create_engine(url, isolation_level="AUTOCOMMIT")
+    copy = f' TEMPLATE "{make_url(template).database}"' if template else ""
     with engine.connect() as conn:
         conn.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        conn.exec_driver_sql(f'CREATE DATABASE "{name}"{copy}')
     engine.dispose()
     return url.set(database=name).render_as_string(hide_password=False)
 
@@ -301,10 +345,11 @@ def main() -> None:
             url = f"sqlite:///{inst / 'exportdesk.db'}"
             print(f"seeding SQLite with {size:,} rows …", file=sys.stderr)
             prepare(inst, url, size)
-            env = _env(inst, url)
+            team = source_copy(inst, url)
+            env = _env(inst, url, team)
             if size == args.rows:
                 engine = [*me, "--child", "engine", "--out", str(inst / "e.csv")]
-                tool = ["sqlite3", "-csv", "-header", str(inst / "exportdesk.db"), export_sql(url)]
+                tool = ["sqlite3", "-csv", "-header", str(inst / "team.db"), export_sql(url)]
                 ours, cli = best_of(
                     args.repeat,
                     partial(measure, engine, env, inst / "stdout", inst / "e.csv.json"),
@@ -326,8 +371,9 @@ def main() -> None:
             try:
                 print(f"seeding PostgreSQL with {args.rows:,} rows …", file=sys.stderr)
                 prepare(inst, url, args.rows)
-                env = _env(inst, url)
-                psql_url = url.replace("+psycopg", "")
+                team = source_copy(inst, url, args.postgres)
+                env = _env(inst, url, team)
+                psql_url = team.replace("+psycopg", "")
                 copy = f"\\copy ({export_sql(url)}) to stdout with (format csv, header)"
                 engine = [*me, "--child", "engine", "--out", str(inst / "e.csv")]
                 ours, cli = best_of(
@@ -337,7 +383,8 @@ def main() -> None:
                 table.append(("exportdesk engine (PostgreSQL)", args.rows, *ours))
                 table.append(("psql \\copy", args.rows, *cli))
             finally:
-                pg_database(args.postgres, "exportdesk_bench")  # leave it empty
+                for name in ("exportdesk_bench_source", "exportdesk_bench"):  # leave them empty
+                    pg_database(args.postgres, name)
         report(table, rss)
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -25,17 +25,19 @@ from jobs.models import ExportJob, JobAttempt, User
 
 
 class Instance:
-    """Seeded with `rows` transactions; consumers run with `consumer_env` on top."""
+    """Seeded with `rows` transactions; consumers run with `consumer_env` on top. `env` is
+    for every command (e.g. DATASETS_FILE and SOURCE_DATABASE_URL), consumers' included."""
 
     def __init__(self, path: Path, rows: int, consumer_env: dict[str, str],
-                 user: str = "bob@globex.test"):
+                 user: str = "bob@globex.test", env: dict[str, str] | None = None):
         self.path, self.user, self.consumer_env = path, user, consumer_env
         self.exports = Path(consumer_env.get("EXPORT_DIR") or path / "exports")
         self.env = {**os.environ, "INSTANCE_PATH": str(path), "FLASK_APP": "webapp",
-                    "PYTHONUNBUFFERED": "1", "BROKER_URL": "", "DATABASE_URL": database_for(path)}
+                    "PYTHONUNBUFFERED": "1", "BROKER_URL": "", "DATABASE_URL": database_for(path),
+                    **(env or {})}
         self.db = create_engine(self.env["DATABASE_URL"], poolclass=NullPool)
         migrate_and_seed(self.env, rows)
-        self._inline: dict[str, Path] = {}
+        self._inline: dict[tuple, Path] = {}
 
     def close(self) -> None:
         self.db.dispose()
@@ -74,16 +76,20 @@ class Instance:
         """The bytes a download of the job serves."""
         return (self.exports / self.job(job_id).file_name).read_bytes()
 
-    def inline_export(self, fmt: str) -> Path:
-        """The same export run inline by `flask export` (once per format)."""
-        if fmt not in self._inline:
-            out = self.path / f"inline.{fmt}"
-            done = subprocess.run([sys.executable, "-m", "flask", "export", "transactions",
-                                   "--user", self.user, "--format", fmt, "--output", str(out)],
-                                  cwd=ROOT, env=self.env, capture_output=True)
+    def inline_export(self, fmt: str, dataset: str = "transactions", params: dict | None = None,
+                      **env: str) -> Path:
+        """The same export run inline by `flask export` (once per format, dataset, parameters
+        and `env` on top of the instance's)."""
+        key = (fmt, dataset, tuple(sorted((params or {}).items())), tuple(sorted(env.items())))
+        if key not in self._inline:
+            out = self.path / f"inline{len(self._inline)}.{fmt}"
+            done = subprocess.run([sys.executable, "-m", "flask", "export", dataset,
+                                   "--user", self.user, "--format", fmt, "--output", str(out),
+                                   *(f"--param={k}={v}" for k, v in (params or {}).items())],
+                                  cwd=ROOT, env={**self.env, **env}, capture_output=True)
             assert done.returncode == 0, done.stderr.decode(errors="replace")
-            self._inline[fmt] = out
-        return self._inline[fmt]
+            self._inline[key] = out
+        return self._inline[key]
 
     @contextmanager
     def worker(self, lane: str, name: str, **env: str):

@@ -361,3 +361,17 @@ def test_the_demo_file_is_what_ships_and_passes_its_own_check(tmp_path):
     assert list(datasets) == ["transactions", "orders"]
     assert [f.name for f in datasets["transactions"].params] == ["date_from", "date_to",
                                                                  "status"]
+
+
+def test_max_rows_and_formats_are_the_datasets_limits(app, client, tmp_path):
+    text = write_datasets(tmp_path).read_text().replace(
+        'description = "Bookings of the team\'s own ledger."',
+        'description = "Bookings of the team\'s own ledger."\nmax_rows = 10\nformats = ["csv"]')
+    app.extensions["exportdesk.datasets"] = load(write_datasets(tmp_path, text))
+    job = run_inline(app, "alice@acme.test", "ledger")
+    assert job.state == "failed" and "allows at most 10" in job.error, job.error
+    assert run_inline(app, "alice@acme.test", "ledger", {"amount_max": "5"}).state == "succeeded"
+    login(client, "alice@acme.test")
+    response = client.post("/api/exports", json={"dataset": "ledger", "format": "xlsx"},
+                           headers=csrf(client))
+    assert response.status_code == 400 and "format" in response.get_json()["fields"]
