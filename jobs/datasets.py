@@ -12,9 +12,10 @@ import hashlib
 import json
 import operator
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal, InvalidOperation
+from functools import cached_property
 from zoneinfo import ZoneInfo
 
 from flask import current_app
@@ -168,15 +169,18 @@ class Dataset:
     tenant: str | None = "org_id"  # None: scope "all", every row (admins only)
     tenant_kind: str = "int"
     roles: tuple[str, ...] = ROLES
-    formats: tuple[str, ...] = ()  # () = every format
+    formats: tuple[str, ...] = ("csv", "csv.gz", "xlsx")
     max_rows: int | None = None
     filename: str = "{dataset}-{org}-{date}"
     definition: dict = field(default_factory=dict, compare=False, repr=False)
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
-        """The definition's SHA-256: a job records it, and never mixes two definitions."""
-        canonical = json.dumps(self.definition or asdict(self), sort_keys=True, default=str)
+        """The definition's SHA-256 (as the file declares it): a job records it, and never
+        mixes two definitions."""
+        declared = self.definition or {"name": self.name, "source": str(self.table),
+                                       "columns": self.columns, "params": self.params}
+        canonical = json.dumps(declared, sort_keys=True, default=repr)
         return hashlib.sha256(canonical.encode()).hexdigest()
 
     def allows(self, role: str) -> bool:
