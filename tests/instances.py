@@ -76,16 +76,14 @@ class Instance:
         """The bytes a download of the job serves."""
         return (self.exports / self.job(job_id).file_name).read_bytes()
 
-    def inline_export(self, fmt: str, dataset: str = "transactions", params: dict | None = None,
-                      **env: str) -> Path:
-        """The same export run inline by `flask export` (once per format, dataset, parameters
-        and `env` on top of the instance's)."""
-        key = (fmt, dataset, tuple(sorted((params or {}).items())), tuple(sorted(env.items())))
+    def inline_export(self, fmt: str, dataset: str = "transactions", **env: str) -> Path:
+        """The same export run inline by `flask export` (once per format, dataset and `env`
+        on top of the instance's, e.g. another DATASETS_FILE)."""
+        key = (fmt, dataset, tuple(sorted(env.items())))
         if key not in self._inline:
             out = self.path / f"inline{len(self._inline)}.{fmt}"
             done = subprocess.run([sys.executable, "-m", "flask", "export", dataset,
-                                   "--user", self.user, "--format", fmt, "--output", str(out),
-                                   *(f"--param={k}={v}" for k, v in (params or {}).items())],
+                                   "--user", self.user, "--format", fmt, "--output", str(out)],
                                   cwd=ROOT, env={**self.env, **env}, capture_output=True)
             assert done.returncode == 0, done.stderr.decode(errors="replace")
             self._inline[key] = out

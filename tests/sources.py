@@ -54,6 +54,7 @@ columns = [
 ]
 params = [
   { name = "booked", kind = "date_range", column = "booked_at", timezone = "Europe/Paris" },
+  { name = "at", kind = "datetime_range", column = "booked_at" },
   { name = "amount", kind = "number_range", column = "amount" },
   { name = "kind", kind = "choice", column = "kind", values_from_column = true },
   { name = "memo", kind = "text", column = "memo", match = "prefix" },

@@ -100,6 +100,20 @@ def test_a_day_range_counts_both_days_in_the_datasets_time_zone(app, team_db):
     assert want and exported(app, job)[1:] == [as_csv(r) for r in want]
 
 
+def test_a_datetime_range_includes_its_start_not_its_end(app, team_db):
+    """Acme's rows are booked every 14 hours from 2026-01-01: rows 6 and 16 fall exactly on
+    2026-01-02 18:00 and 2026-01-05 16:00."""
+    from datetime import datetime
+
+    job = run_inline(app, "alice@acme.test", "ledger",
+                     {"at_from": "2026-01-02T18:00", "at_to": "2026-01-05T16:00"})
+    ids = [int(r[0]) for r in exported(app, job)[1:]]
+    assert ids == [6, 8, 10, 12, 14], "the start is in, the end is out"
+    assert ids == [r[0] for r in direct(team_db, KEYS["acme"],
+                                        ledger.c.booked_at >= datetime(2026, 1, 2, 18),
+                                        ledger.c.booked_at < datetime(2026, 1, 5, 16))]
+
+
 CRAFTED = ["' OR '1'='1", "ACME-7' --", "1; DROP TABLE ledger", "%", "_", "\\", "GLOBEX-9",
            "memo 1%' OR tenant LIKE '%"]
 
@@ -120,6 +134,8 @@ def test_a_user_never_gets_another_organisations_rows_whatever_the_parameters(ap
     ({"org_id": "2"}, "org_id", "is not a parameter"),
     ({"booked_from": "2026-02-30"}, "booked_from", "must be a date"),
     ({"booked_from": "2026-02-02", "booked_to": "2026-02-01"}, "booked_to", "must not be before"),
+    ({"at_from": "yesterday"}, "at_from", "must be a date and time"),
+    ({"at_from": "2026-01-02T10:00", "at_to": "2026-01-02T09:59"}, "at_to", "must not be before"),
     ({"amount_min": "1e999999"}, "amount_min", "out of range"),
     ({"amount_min": "NaN"}, "amount_min", "finite"),
     ({"amount_min": "ten"}, "amount_min", "must be a number"),

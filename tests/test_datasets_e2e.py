@@ -102,8 +102,8 @@ def test_table_and_sql_datasets_export_what_a_direct_query_returns(instance):
 
 
 def test_a_kill_at_a_checkpoint_resumes_into_the_uninterrupted_file(instance):
-    """The new consumer carries on from the checkpoint (no start over) and the file is the
-    one `flask export` writes in one go."""
+    """The new consumer carries on from the checkpoint (no start over noted) and the file is
+    the one `flask export` writes in one go."""
     job_id = instance.new_job("csv", dataset="ledger")
     killed_then_resumed(instance, job_id)
     assert instance.file(job_id) == instance.inline_export("csv", "ledger").read_bytes()
