@@ -207,7 +207,9 @@ class Dataset:
             lo, hi = cleaned.get(param.after or ""), cleaned.get(param.name)
             if lo is not None and hi is not None and param.after not in errors and (
                     _order(param, lo) > _order(param, hi)):
-                errors[param.name] = f"must not be before {known[param.after].label.lower()}"
+                errors[param.name] = ("must not be less than the minimum"
+                                      if param.kind == "number" else
+                                      "must not be before the start date")
         if errors:
             raise InvalidParams(errors)
         return cleaned
