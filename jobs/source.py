@@ -3,7 +3,8 @@
 Every connection is read-only and every statement has a time limit (SOURCE_STATEMENT_TIMEOUT),
 whatever user the URL names (docs still tell operators to give exportdesk a read-only user):
 
-- PostgreSQL: `default_transaction_read_only` and `statement_timeout`, set for the session;
+- PostgreSQL: `default_transaction_read_only` and `statement_timeout`, set for the session
+  (with the styles it prints values in, `PRINT_STYLES`);
 - SQLite: opened read-only (`mode=ro`), with an authorizer that allows reading and nothing
   else (no ATTACH, no writes, no PRAGMA but schema questions: refused when a statement is
   prepared) and a progress handler that interrupts a statement past its time limit. The
@@ -27,6 +28,13 @@ READ_ONLY_ACTIONS = {sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_
 
 class StatementTimeout(Exception):
     """A statement of the source database ran past SOURCE_STATEMENT_TIMEOUT."""
+
+
+# How a PostgreSQL session prints values, whatever the server's or the database's defaults:
+# timestamptz as UTC, dates as ISO, floats as their shortest exact text, bytea as hex (the text
+# COPY writes, docs/data-quality.md).
+PRINT_STYLES = ("-c TimeZone=UTC -c DateStyle=ISO -c extra_float_digits=1 "
+                "-c bytea_output=hex")
 
 
 def engine() -> Engine:
@@ -53,7 +61,7 @@ def make_engine(url: str, limit: float) -> Engine:
     parsed = make_url(url)
     if parsed.get_backend_name() == "postgresql":
         options = (f"-c default_transaction_read_only=on "
-                   f"-c statement_timeout={max(1, round(limit * 1000))}")
+                   f"-c statement_timeout={max(1, round(limit * 1000))} {PRINT_STYLES}")
         return create_engine(parsed, connect_args={"options": options}, pool_pre_ping=True)
     if parsed.get_backend_name() != "sqlite" or not parsed.database:
         raise ValueError(f"SOURCE_DATABASE_URL: {parsed.get_backend_name()} is not supported "
@@ -81,7 +89,13 @@ SCHEMA_PRAGMAS = {"table_info", "table_xinfo", "index_list", "index_info", "inde
                   "foreign_key_list"}
 
 
+# Functions that reach outside the database (some exist only in some builds).
+OUTSIDE_FUNCTIONS = {"load_extension", "readfile", "writefile", "edit", "fts3_tokenizer"}
+
+
 def _read_only(action: int, arg1: str | None, arg2: str | None, *_where) -> int:
+    if action == sqlite3.SQLITE_FUNCTION and (arg2 or "").lower() in OUTSIDE_FUNCTIONS:
+        return sqlite3.SQLITE_DENY
     if action in READ_ONLY_ACTIONS or (
             action == sqlite3.SQLITE_PRAGMA and arg1 in SCHEMA_PRAGMAS and arg2 is not None):
         return sqlite3.SQLITE_OK

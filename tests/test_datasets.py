@@ -313,7 +313,8 @@ def test_the_source_refuses_writes_attach_and_pragmas(app, team_db, tmp_path):
                   "CREATE TABLE stolen (x int)"]
     if engine.dialect.name == "sqlite":
         statements += [f"ATTACH DATABASE '{tmp_path / 'other.db'}' AS other",
-                       "PRAGMA journal_mode=DELETE", "PRAGMA query_only=0"]
+                       "PRAGMA journal_mode=DELETE", "PRAGMA query_only=0",
+                       "SELECT load_extension('/tmp/evil.so')"]
     for statement in statements:
         with engine.connect() as conn, pytest.raises(Exception) as caught:
             conn.exec_driver_sql(statement)
