@@ -22,7 +22,9 @@ class Checkpoint:
 
     `part` names the claim's part file that holds the `bytes` bytes, `sha256` is their digest
     (a resume checks both before writing on), and `complete` says every row is in them: the
-    export only needs publishing.
+    export only needs publishing. `replaced` counts the values written with invalid UTF-8
+    replaced and `truncated` the texts cut to fit an xlsx cell, in those rows: a resume counts
+    on from them, and the job page shows them (docs/data-quality.md).
     """
 
     last_key: object = None
@@ -31,6 +33,8 @@ class Checkpoint:
     sha256: str = ""
     part: str | None = None
     complete: bool = False
+    replaced: int = 0
+    truncated: int = 0
 
     @classmethod
     def from_json(cls, data: dict | None) -> Checkpoint:

@@ -10,6 +10,7 @@ from redis import exceptions as redis_exc
 from sqlalchemy import exc as sa_exc
 
 from jobs import source
+from jobs.csvrows import BadValue
 from jobs.datasets import InvalidParams
 from jobs.formats import TooManyRows
 
@@ -34,8 +35,10 @@ STORAGE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.E
 
 
 def is_permanent(exc: BaseException) -> bool:
-    """Also a statement past the source's time limit: the same query would run as long again."""
-    return isinstance(exc, InvalidParams | PermanentFailure | TooManyRows) or source.timed_out(exc)
+    """Also a statement past the source's time limit (the same query would run as long again)
+    and a value that cannot be exported (the same rows would hold it again)."""
+    return (isinstance(exc, InvalidParams | PermanentFailure | TooManyRows | BadValue
+                       | sa_exc.DataError) or source.timed_out(exc))
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -51,6 +54,9 @@ def reason(exc: BaseException) -> str:
         return f"Invalid parameters: {first}"
     if isinstance(exc, PermanentFailure | TooManyRows):
         return first
+    if isinstance(exc, BadValue | sa_exc.DataError):  # the database's words, without its class
+        words = str(exc.orig if isinstance(exc, sa_exc.DataError) else exc).strip()
+        return f"A value cannot be exported: {(words.splitlines() or [''])[0][:300]}"
     if source.timed_out(exc):
         return ("The query ran past the source database's statement timeout "
                 "(SOURCE_STATEMENT_TIMEOUT): narrow the filters, or ask an operator to index "

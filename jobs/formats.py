@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import time
 import zlib
 from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime
+from decimal import Decimal
 
 from sqlalchemy import Connection
 
 from jobs import pages
 from jobs.checkpoints import Checkpoint, fault, record_checkpoint
-from jobs.csvrows import header, neutralise
+from jobs.csvrows import header
 from jobs.datasets import Dataset, InvalidParams
 from jobs.storage import Part
 
@@ -25,19 +30,42 @@ MIME_TYPES = {
     "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
 }
 XLSX_MAX_ROWS = 1_048_575  # Excel's sheet limit, less the header row
+XLSX_MAX_TEXT = 32_767  # characters an xlsx cell holds
+XLSX_CUT_MARK = "…[cut]"  # ends a text cut to fit a cell
 RESUMABLE = {"csv", "csv.gz"}  # xlsx is one zip written at the end: it restarts from zero
 
 
-def _format_text(v) -> str:
-    return neutralise(str(v))
+def _xlsx_number(text: str) -> float | str:
+    """A number where a double keeps every digit (15 significant) and Excel holds its size;
+    else the text (a 30-digit numeric, NaN, Infinity)."""
+    value = Decimal(text)
+    if not value.is_finite() or len(value.normalize().as_tuple().digits) > 15:
+        return text
+    number = float(value)
+    return number if number == 0 or 2.2251e-308 <= abs(number) < 1e308 else text
 
 
-# Typed cells for xlsx: numbers stay numbers (negative amounts included), dates stay dates.
-XLSX_CELLS: dict[str, Callable] = {
-    "int": int,
-    "decimal": float,
-    "datetime": lambda v: v,
-    "text": _format_text,
+EXCEL_FIRST_DAY = datetime(1900, 3, 1)  # before it, Excel counts a 29 February 1900
+
+
+def _xlsx_moment(text: str) -> datetime | str:
+    """A date cell from 1 March 1900 to 9999 (earlier, Excel's calendar is a day off and other
+    programs read it differently), else the text (year 1, a BC date, infinity, year 10000)."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        return text
+    return moment if moment >= EXCEL_FIRST_DAY else text
+
+
+# Typed cells for xlsx from each kind's CSV text (never empty: that is an empty cell).
+XLSX_CELLS: dict[str, Callable[[str], object]] = {
+    "int": _xlsx_number,
+    "decimal": _xlsx_number,
+    "date": _xlsx_moment,
+    "datetime": _xlsx_moment,
+    "bool": lambda text: text == "true",
+    "text": str,  # already neutralised
 }
 
 
@@ -70,7 +98,7 @@ def stream(
                             interval)
     if fmt not in RESUMABLE:
         raise InvalidParams({"format": f"unknown format {fmt!r}"})
-    position = Checkpoint(start.last_key, start.rows)
+    position = Checkpoint(start.last_key, start.rows, replaced=start.replaced)
     gzip_member: list = []  # the open member's compressor, if any
 
     def emit(data: bytes) -> None:
@@ -93,6 +121,7 @@ def stream(
         for batch in reader:
             emit(batch.data)
             position.rows += batch.rows
+            position.replaced += batch.replaced
             position.last_key = batch.last_key
             if time.monotonic() - last_checkpoint >= interval:
                 checkpoint()
@@ -106,9 +135,10 @@ def stream(
 def _stream_xlsx(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[str, str],
                  out: Part, on_checkpoint: Callable[[Checkpoint], None], batch_rows: int,
                  interval: float) -> Checkpoint:
-    """One sheet with typed cells, in XlsxWriter's constant_memory mode (rows go to a temp
-    file as they come; the zip is written at the end, streamed through `out`, which hashes it).
-    Checkpoints report progress only, but the last, which records the finished file."""
+    """One sheet with typed cells made from the CSV pages (so every format holds the same
+    values), in XlsxWriter's constant_memory mode (rows go to a temp file as they come; the zip
+    is written at the end, streamed through `out`, which hashes it). Checkpoints report progress
+    only, but the last, which records the finished file."""
     import xlsxwriter  # only where an xlsx is written: the web app imports this module too
 
     book = xlsxwriter.Workbook(out, {
@@ -116,35 +146,43 @@ def _stream_xlsx(conn: Connection, dataset: Dataset, org_key: str | None, params
         "strings_to_urls": False, "default_date_format": "yyyy-mm-dd hh:mm:ss",
     })
     sheet = book.add_worksheet(dataset.name[:31])
-    money = book.add_format({"num_format": "0.00"})
+    styles = []
     for i, column in enumerate(dataset.columns):
-        if column.kind == "decimal":
-            sheet.set_column(i, i, 12, money)
-        elif column.kind == "datetime":
-            sheet.set_column(i, i, 19)
+        style = None
+        if column.kind == "decimal" and column.scale is not None:
+            style = book.add_format({"num_format": f"0.{'0' * column.scale}".rstrip(".")})
+        elif column.kind == "date":
+            style = book.add_format({"num_format": "yyyy-mm-dd"})
+        styles.append(style)
+        sheet.set_column(i, i, 19 if column.kind == "datetime" else 12)
     sheet.write_row(0, 0, dataset.headers)
-    cells = [XLSX_CELLS[c.kind] for c in dataset.columns]
-    key_index = dataset.column_names.index(dataset.key)
+    kinds = [c.kind for c in dataset.columns]
     position = Checkpoint()
     last_checkpoint = time.monotonic()
-    while True:
-        rows = conn.execute(dataset.batch(org_key, params, position.last_key, batch_rows)).all()
-        if not rows:
-            break
-        if position.rows + len(rows) > XLSX_MAX_ROWS:
-            book.close()
-            raise TooManyRows(f"An xlsx sheet holds at most {XLSX_MAX_ROWS:,} rows; "
-                              "choose csv or csv.gz, or narrow the filters.")
-        for n, row in enumerate(rows, start=position.rows + 1):
-            sheet.write_row(n, 0, [cell(v) if v is not None else None
-                                   for cell, v in zip(cells, row, strict=True)])
-        position.rows += len(rows)
-        position.last_key = rows[-1][key_index]
-        if time.monotonic() - last_checkpoint >= interval:
-            on_checkpoint(Checkpoint(position.last_key, position.rows))
-            fault("checkpointed")
-            last_checkpoint = time.monotonic()
+    reader = pages.pages(conn, dataset, org_key, params, None, batch_rows)
+    try:
+        for batch in reader:
+            if position.rows + batch.rows > XLSX_MAX_ROWS:
+                book.close()
+                raise TooManyRows(f"An xlsx sheet holds at most {XLSX_MAX_ROWS:,} rows; "
+                                  "choose csv or csv.gz, or narrow the filters.")
+            for row in csv.reader(io.StringIO(batch.data.decode(), newline="")):
+                position.rows += 1
+                for i, (text, kind) in enumerate(zip(row, kinds, strict=True)):
+                    if not text:  # NULL (or empty text): an empty cell
+                        continue
+                    if kind == "text" and len(text) > XLSX_MAX_TEXT:
+                        text = text[:XLSX_MAX_TEXT - len(XLSX_CUT_MARK)] + XLSX_CUT_MARK
+                        position.truncated += 1
+                    sheet.write(position.rows, i, XLSX_CELLS[kind](text), styles[i])
+            position.replaced += batch.replaced
+            position.last_key = batch.last_key
+            if time.monotonic() - last_checkpoint >= interval:
+                on_checkpoint(replace(position))
+                fault("checkpointed")
+                last_checkpoint = time.monotonic()
+    finally:
+        reader.close()
     book.close()
     record_checkpoint(out, position, on_checkpoint, complete=True)
     return position
-

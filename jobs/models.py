@@ -90,12 +90,19 @@ class User(UserMixin, db.Model):
     password_hash: Mapped[str] = mapped_column(String(255))
     org_id: Mapped[int] = mapped_column(ForeignKey("organisations.id"))
     role: Mapped[str] = mapped_column(String(20), default="user")
+    # Set: the account can no longer log in, nor use its session or API tokens; its jobs stay.
+    disabled_at: Mapped[datetime | None] = mapped_column(default=None)
     organisation: Mapped[Organisation] = relationship()
 
     @validates("email")
     def _lowercase_email(self, _key: str, email: str) -> str:
         """Stored lowercase, so a lookup is an exact match on the unique index."""
         return email.strip().lower()
+
+    @property
+    def is_active(self) -> bool:
+        """Flask-Login's name for "not disabled": login_user refuses an inactive user."""
+        return self.disabled_at is None
 
     @property
     def is_admin(self) -> bool:
@@ -120,7 +127,10 @@ class ApiToken(db.Model):
     id: Mapped[int] = mapped_column(primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"))
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str | None] = mapped_column(String(100), default=None)  # what it is for
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Recorded at most once a minute (webapp.auth), so an API call is not a write each.
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
     user: Mapped[User] = relationship()
 
     @staticmethod
@@ -190,6 +200,16 @@ class ExportJob(db.Model):
     @property
     def progress(self) -> float:
         return progress(self.state, self.rows_done, self.rows_total)
+
+    @property
+    def utf8_replaced(self) -> int:
+        """Values written with their invalid UTF-8 bytes replaced (docs/data-quality.md)."""
+        return (self.checkpoint or {}).get("replaced", 0)
+
+    @property
+    def xlsx_truncated(self) -> int:
+        """Texts cut to fit an xlsx cell (docs/data-quality.md)."""
+        return (self.checkpoint or {}).get("truncated", 0)
 
     def download_name(self) -> str:
         """What the browser saves the file as, from its dataset's `filename` pattern, e.g.

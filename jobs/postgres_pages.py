@@ -15,11 +15,26 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
-from sqlalchemy import ColumnElement, Connection, Select, String, bindparam, case, func, literal
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    ColumnElement,
+    Connection,
+    Date,
+    DateTime,
+    Numeric,
+    Select,
+    Text,
+    bindparam,
+    case,
+    cast,
+    func,
+    literal,
+)
 from sqlalchemy import exc as sa_exc
 
 from jobs.csvrows import FORMULA_PREFIXES, Batch
-from jobs.datasets import Dataset
+from jobs.datasets import Column, Dataset
 
 
 def copy_query(dataset: Dataset, org_key: str | None, params: dict[str, str], after: object,
@@ -27,22 +42,32 @@ def copy_query(dataset: Dataset, org_key: str | None, params: dict[str, str], af
     """The page as PostgreSQL text columns, ready for COPY (also the benchmark's psql query)."""
     stmt = dataset.batch(org_key, params, after, size)
     return stmt.with_only_columns(
-        *(_pg_text(dataset.table.c[c.name], c.kind) for c in dataset.columns),
+        *(_pg_text(dataset.table.c[c.name], c) for c in dataset.columns),
         maintain_column_froms=True,
     )
 
 
-def _pg_text(col: ColumnElement, kind: str) -> ColumnElement:
+def _pg_text(col: ColumnElement, column: Column) -> ColumnElement:
+    """A value as the text docs/data-quality.md gives it, printed by the server in the
+    session's fixed styles (jobs.source: UTC, ISO dates, shortest floats, hex bytea)."""
+    kind = column.kind
     if kind == "int":
-        value = col
+        value = cast(col, BigInteger)
+    elif kind == "decimal" and column.scale is not None:  # a float is read from 15 digits
+        value = func.round(cast(col, Numeric), column.scale).cast(Text)
     elif kind == "decimal":
-        value = func.round(col, 2).cast(String)
-    elif kind == "datetime":
-        value = func.to_char(col, "YYYY-MM-DD HH24:MI:SS")
+        value = cast(col, Text)
+    elif kind == "date":
+        value = cast(cast(col, Date), Text)
+    elif kind == "datetime":  # timestamptz: its UTC wall time
+        value = cast(func.date_trunc("second", cast(col, DateTime)), Text)
+    elif kind == "bool":
+        value = cast(cast(col, Boolean), Text)
     else:  # empty text as NULL, so COPY writes an empty field (not "") as SQLite's path does
+        col = cast(col, Text)  # bytea, json and arrays as PostgreSQL prints them
         value = func.nullif(case((func.substr(col, 1, 1).in_(FORMULA_PREFIXES),
                                   literal("'") + col), else_=col), "")
-    return value.label(col.name)
+    return value.label(column.name)
 
 
 PAGES_IN_FLIGHT = 2  # PostgreSQL formats a page slower than we read it: two backends at once
@@ -88,7 +113,8 @@ def pages(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[
         if not rows:
             return None
         # COPY sends one message per row: the page's last one holds its last key
-        return Batch(data, rows, int(next(csv.reader([last_row.decode()]))[key_index]))
+        last = next(csv.reader([last_row.decode(errors="replace")]))[key_index]
+        return Batch(data, rows, int(last))
 
     try:
         with ThreadPoolExecutor(PAGES_IN_FLIGHT, thread_name_prefix="copy-page") as pool:

@@ -31,10 +31,11 @@ class StatementTimeout(Exception):
 
 
 # How a PostgreSQL session prints values, whatever the server's or the database's defaults:
-# timestamptz as UTC, dates as ISO, floats as their shortest exact text, bytea as hex (the text
-# COPY writes, docs/data-quality.md).
-PRINT_STYLES = ("-c TimeZone=UTC -c DateStyle=ISO -c extra_float_digits=1 "
-                "-c bytea_output=hex")
+# in UTF-8 (converted from the database's encoding; bytes an SQL_ASCII database holds that are
+# not UTF-8 are refused), timestamptz as UTC, dates as ISO, floats as their shortest exact text,
+# bytea as hex (the text COPY writes, docs/data-quality.md).
+PRINT_STYLES = ("-c client_encoding=UTF8 -c TimeZone=UTC -c DateStyle=ISO "
+                "-c extra_float_digits=1 -c bytea_output=hex")
 
 
 def engine() -> Engine:

@@ -20,34 +20,59 @@ from pathlib import Path
 from sqlalchemy import (
     ColumnElement,
     Connection,
-    Float,
-    Integer,
     Select,
     Text,
+    case,
     cast,
     func,
+    literal,
     literal_column,
+    null,
 )
 
 from jobs import source
-from jobs.csvrows import Batch
+from jobs.csvrows import BadValue, Batch
 from jobs.datasets import Dataset
 
 FRAME = struct.Struct("<qqq")  # the reader's header before each page: rows, last key, bytes
+BAD_VALUE = 3  # the reader's exit status when a stored value is not what its kind says
 
 
 class ReadFailed(RuntimeError):
     """The SQLite reader process stopped with an error."""
 
 
-def _sqlite_column(col: ColumnElement, kind: str) -> ColumnElement:
-    """A column with one type per page, as ADBC infers each column's type from its values:
-    numbers as numbers (Arrow formats them), text never NULL (NULL and '' are both empty)."""
-    if kind == "int":
-        return cast(col, Integer)
+def _sqlite_columns(col: ColumnElement, kind: str, exact: bool) -> list[ColumnElement]:
+    """A column as the reader formats it, with one type per page (ADBC infers a column's type
+    from its values, and makes a page of floats and text all text, floats in 7 digits).
+    A decimal is two columns: as stored and NULL; or, read `exact`, its floats and its other
+    values (integers, text) as text: the reader reads a page again so when one read as stored
+    held text (or integers past 2^53 among floats). A blob in a text column is PostgreSQL's
+    hex text (a blob sorts after every number and text: `>= x''` is true for blobs only)."""
     if kind == "decimal":
-        return cast(col, Float)
-    return func.coalesce(cast(col, Text), "")
+        if not exact:
+            return [col, null()]
+        return [case((func.typeof(col) == "real", col)),
+                case((func.typeof(col) != "real", cast(col, Text)))]
+    if kind == "text":
+        hexed = literal("\\x") + func.lower(func.hex(col))
+        return [case((col >= literal_column("x''"), hexed),
+                     else_=func.coalesce(cast(col, Text), ""))]
+    return [col]
+
+
+def _bad_value(dataset: Dataset) -> ColumnElement | None:
+    """Per row, the first int or bool value not stored as an integer, described (NULL when
+    none): the reader fails the page on it, naming the row's key. Values of the other kinds
+    fail when the reader parses them; the key is not checked (pages are read after it)."""
+    whens = []
+    for c in dataset.columns:
+        if c.kind in ("int", "bool") and c.name != dataset.key:
+            col = dataset.table.c[c.name]
+            whens.append((func.typeof(col).not_in(["null", "integer"]),
+                          literal(f"{c.name} holds ") + func.substr(func.quote(col), 1, 60)
+                          + literal(f", not a value of kind {c.kind}")))
+    return case(*whens) if whens else None
 
 
 def pages(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[str, str],
@@ -55,18 +80,25 @@ def pages(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[
     """The pages as the reader process sends them; ReadFailed with its last line of error
     when it stops with one. Closing the iterator early kills the reader."""
     table = dataset.table
-    columns = [table.c[dataset.key],
-               *(_sqlite_column(table.c[c.name], c.kind) for c in dataset.columns)]
+    bad = _bad_value(dataset)
 
-    def page(after: object) -> str:
-        stmt = dataset.batch(org_key, params, after, size)
-        return _sql(conn, stmt.with_only_columns(*columns, maintain_column_froms=True))
+    def page(after: object, exact: bool) -> str:
+        columns = [table.c[dataset.key], *(part for c in dataset.columns for part in
+                                           _sqlite_columns(table.c[c.name], c.kind, exact))]
+        stmt = dataset.batch(org_key, params, after, size).with_only_columns(
+            *columns, *([] if bad is None else [bad]), maintain_column_froms=True)
+        return _sql(conn, stmt)
 
-    source.check_sqlite(conn, page(None))  # refused here if it would do more than read
+    # Each read, as stored and exact: the first page's SQL and a page's after the key bound to ?
+    sql = {read: [page(None, exact), page(literal_column("?"), exact)]
+           for read, exact in (("as_stored", False), ("exact", True))}
+    for first, _ in sql.values():
+        source.check_sqlite(conn, first)  # refused here if it would do more than read
     spec = {"database": conn.engine.url.database, "size": size, "after": after,
-            "frame": FRAME.format,
-            "kinds": [c.kind for c in dataset.columns],
-            "from_start": page(None), "after_key": page(literal_column("?"))}  # ?: bound per page
+            "frame": FRAME.format, "sql": sql,
+            "columns": [{"kind": c.kind, "scale": c.scale, "name": c.name}
+                        for c in dataset.columns],
+            "checked": bad is not None, "key": dataset.key, "bad_value_status": BAD_VALUE}
     reader = subprocess.Popen([sys.executable, "-m", "jobs.sqlite_reader"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent,
@@ -80,6 +112,8 @@ def pages(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[
             yield Batch(_read(reader.stdout, length, limit), rows, last_key)
         if reader.wait() != 0:
             error = reader.stderr.read().decode(errors="replace").strip().splitlines()
+            if reader.returncode == BAD_VALUE:
+                raise BadValue(error[-1])
             raise ReadFailed(error[-1] if error else f"exit status {reader.returncode}")
     finally:
         if reader.poll() is None:  # closed early (cancel, shutdown, timeout): stop reading

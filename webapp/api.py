@@ -48,6 +48,8 @@ def job_json(job: ExportJob) -> dict:
         "started_at": _time(job.started_at),
         "finished_at": _time(job.finished_at),
         "error": job.error,
+        "utf8_replaced": job.utf8_replaced,
+        "xlsx_truncated": job.xlsx_truncated,
         "download_url": url_for("exports.download", job_id=job.id, _external=True)
         if job.state == "succeeded"
         else None,
