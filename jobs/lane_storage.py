@@ -53,7 +53,17 @@ class SqliteLaneStorage(LaneStorage, SqliteStorage):
 
     @classmethod
     def in_dir(cls, name: str, queue_dir: Path) -> SqliteLaneStorage:
-        return cls(name, filename=str(queue_dir / f"queue-{name}.db"), timeout=30)
+        return cls(name, filename=str(queue_dir / f"queue-{name}.db"), timeout=30,
+                   create_tables=False)
+
+    def _create_connection(self):
+        """The file (and its folder) made on first use, not at start-up: a command that never
+        queues anything leaves nothing behind. Huey's tables all say "if not exists"."""
+        Path(self.filename).parent.mkdir(parents=True, exist_ok=True)
+        conn = super()._create_connection()
+        for statement in self.ddl:
+            conn.execute(statement)
+        return conn
 
     def counts(self, keys: Iterable[str]) -> dict[str, int]:
         # One query: `incr(key, 0)` per key would be a write transaction each.

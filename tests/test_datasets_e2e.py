@@ -40,7 +40,7 @@ def instance(tmp_path_factory):
     instance = Instance(path, 100, CONSUMER_ENV, user=USER, env=env)
     instance.team_db = team_db
     for slug, key in KEYS.items():
-        done = subprocess.run([sys.executable, "-m", "flask", "orgs", "data-key", slug, key],
+        done = subprocess.run([sys.executable, "-m", "flask", "org", "set-key", slug, key],
                               cwd=ROOT, env=instance.env, capture_output=True, text=True)
         assert done.returncode == 0 and key in done.stdout, done.stderr
     with instance.worker("critical", "critical"):  # reconciles: sends every new job

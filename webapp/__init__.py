@@ -5,9 +5,10 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from flask import Flask, jsonify, render_template, request
+from flask import Flask, current_app, jsonify, render_template, request
+from flask.sessions import SecureCookieSessionInterface
 from flask_wtf.csrf import CSRFError
-from sqlalchemy import event
+from sqlalchemy import event, make_url
 from sqlalchemy.engine import Engine
 from werkzeug.exceptions import HTTPException
 
@@ -35,6 +36,25 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
         cursor.close()
 
 
+class _Sessions(SecureCookieSessionInterface):
+    """Cookie sessions whose first use makes the development key (config.ensure_secret_key):
+    every request opens its session before anything else signs."""
+
+    def get_signing_serializer(self, app: Flask):
+        config.ensure_secret_key(app)
+        return super().get_signing_serializer(app)
+
+
+@migrate.configure
+def _sqlite_folder(alembic_config):
+    """`flask db upgrade` makes the folder of a SQLite database (the instance folder by
+    default): nothing makes it at start-up."""
+    url = make_url(current_app.config["SQLALCHEMY_DATABASE_URI"])
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    return alembic_config
+
+
 def create_app(test_config: dict | None = None) -> Flask:
     """Build the app: settings from the environment, then `test_config` on top."""
     app = Flask(
@@ -46,6 +66,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.config.from_mapping(config.load())
     if test_config:
         app.config.from_mapping(test_config)
+    app.session_interface = _Sessions()
 
     db.init_app(app)
     migrations = str(Path(__file__).parent / "migrations")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+from datetime import timedelta
 from urllib.parse import urlsplit
 
 from flask import Blueprint, flash, jsonify, redirect, render_template, request, url_for
@@ -12,7 +13,7 @@ from sqlalchemy import select
 from wtforms import EmailField, PasswordField
 from wtforms.validators import DataRequired
 
-from jobs.models import ApiToken, User, db
+from jobs.models import ApiToken, User, db, utcnow
 from webapp.extensions import csrf, login_manager
 from webapp.views import is_htmx
 
@@ -29,7 +30,12 @@ def _bearer_token() -> str | None:
 
 @login_manager.user_loader
 def load_user(user_id: str) -> User | None:
-    return db.session.get(User, int(user_id)) if user_id.isdigit() else None
+    """The session's user, read on every request: disabling or a new role counts at once."""
+    user = db.session.get(User, int(user_id)) if user_id.isdigit() else None
+    return user if user is not None and user.is_active else None
+
+
+TOKEN_USE_PRECISION = timedelta(minutes=1)
 
 
 @login_manager.request_loader
@@ -38,7 +44,15 @@ def load_user_from_token(_request) -> User | None:
     if token is None:
         return None
     row = db.session.scalar(select(ApiToken).where(ApiToken.token_hash == ApiToken.hash(token)))
-    return row.user if row else None
+    if row is None or not row.user.is_active:
+        return None
+    now = utcnow()
+    if row.last_used_at is None or now - row.last_used_at >= TOKEN_USE_PRECISION:
+        # At most one write a minute per token. This runs when `login_required` first asks
+        # for the user, before the view has changed anything, so the commit holds only this.
+        row.last_used_at = now
+        db.session.commit()
+    return row.user
 
 
 @login_manager.unauthorized_handler
@@ -59,10 +73,10 @@ def check_csrf() -> None:
         csrf.protect()
 
 
-def create_token(user: User) -> str:
+def create_token(user: User, name: str | None = None) -> str:
     """A new personal API token; only its hash is stored, so it is shown once."""
     token = "xd_" + secrets.token_urlsafe(32)
-    db.session.add(ApiToken(user=user, token_hash=ApiToken.hash(token)))
+    db.session.add(ApiToken(user=user, token_hash=ApiToken.hash(token), name=name))
     db.session.commit()
     return token
 
@@ -90,10 +104,12 @@ def login():
     form = LoginForm()
     if form.validate_on_submit():
         user = find_user(form.email.data)
-        if user is not None and user.check_password(form.password.data):
-            login_user(user)
+        if user is None or not user.check_password(form.password.data):
+            flash("Wrong email or password.", "error")
+        elif not login_user(user):  # refused: the account is disabled
+            flash("This account is disabled: ask an admin to enable it.", "error")
+        else:
             return redirect(_safe_next(request.args.get("next")))
-        flash("Wrong email or password.", "error")
     return render_template("login.html", form=form), 200 if request.method == "GET" else 400
 
 

@@ -1,5 +1,5 @@
-"""Flask CLI: seed, worker, export, token create, verify-files, and `dev` (web plus one consumer
-per lane)."""
+"""Flask CLI: seed, worker, export, verify-files, datasets check, and `dev` (web plus one
+consumer per lane); `org`, `user` and `token` are in webapp.people."""
 
 from __future__ import annotations
 
@@ -18,17 +18,17 @@ from jobs import dataset_check, datasets, lanes, source
 from jobs.checkpoints import Checkpoint
 from jobs.datasets import InvalidParams, visible
 from jobs.formats import FORMATS, stream
-from jobs.models import ExportJob, JobState, Organisation, db
+from jobs.models import ExportJob, JobState, db
 from jobs.retention import verify
 from jobs.storage import Part
-from webapp import seed
-from webapp.auth import create_token, find_user
+from webapp import people, seed
+from webapp.auth import find_user
 from webapp.devserver import run_together
 
 
 def init_app(app: Flask) -> None:
-    for command in (seed_command, worker_command, export_command, token_group, verify_command,
-                    dev_command, datasets_group, orgs_group):
+    for command in (seed_command, worker_command, export_command, verify_command,
+                    dev_command, datasets_group, *people.GROUPS):
         app.cli.add_command(command)
 
 
@@ -104,21 +104,6 @@ def export_command(dataset_name: str, email: str, params: tuple[str, ...], fmt: 
                             current_app.config["CSV_BOM"])
     click.echo(f"{result.rows} rows, {result.bytes} bytes written to {output} "
                f"(SHA-256 {result.sha256})")
-
-
-@click.group("token")
-def token_group() -> None:
-    """Personal API tokens."""
-
-
-@token_group.command("create")
-@click.argument("email")
-def token_create(email: str) -> None:
-    """Create a personal API token for EMAIL; it is printed once and stored hashed."""
-    user = find_user(email)
-    if user is None:
-        raise click.UsageError(f"no user {email!r}")
-    click.echo(create_token(user))
 
 
 @click.command("verify-files")
@@ -214,24 +199,3 @@ def datasets_check_command() -> None:
                f"{problems or 'no'} problem(s)")
     if problems:
         sys.exit(1)
-
-
-@click.group("orgs", cls=AppGroup)
-def orgs_group() -> None:
-    """Organisations."""
-
-
-@orgs_group.command("data-key")
-@click.argument("slug")
-@click.argument("value", required=False)
-@click.option("--clear", is_flag=True, help="Use the organisation's id again.")
-def org_data_key_command(slug: str, value: str | None, clear: bool) -> None:
-    """Show or set the value of the tenant column on the organisation's rows."""
-    org = db.session.scalar(select(Organisation).where(Organisation.slug == slug))
-    if org is None:
-        raise click.UsageError(f"no organisation {slug!r}")
-    if value is not None or clear:
-        org.data_key = None if clear else value
-        db.session.commit()
-    click.echo(f"{org.slug}: {org.data_key_or_id}"
-               f"{' (its id: no data key set)' if org.data_key is None else ''}")

@@ -7,6 +7,8 @@ import secrets
 from datetime import timedelta
 from pathlib import Path
 
+from flask import Flask
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -15,18 +17,37 @@ def instance_path() -> Path:
     return Path(os.environ.get("INSTANCE_PATH") or ROOT / "instance").resolve()
 
 
-def _secret_key(instance: Path, production: bool) -> str:
-    """SECRET_KEY from the environment; in development, generated once into the instance folder."""
+def _secret_key(instance: Path, production: bool) -> str | None:
+    """SECRET_KEY from the environment; in development, the one generated into the instance
+    folder, or None until something first signs with it (`ensure_secret_key`)."""
     key = os.environ.get("SECRET_KEY")
     if key:
         return key
     if production:
         raise RuntimeError("SECRET_KEY must be set when EXPORTDESK_ENV=production")
     path = instance / "secret_key"
-    if not path.exists():
-        path.write_text(secrets.token_hex(32))
-        path.chmod(0o600)
-    return path.read_text().strip()
+    return path.read_text().strip() if path.exists() else None
+
+
+def ensure_secret_key(app: Flask) -> str:
+    """The app's key; in development generated once into the instance folder, on first use
+    rather than at start-up, so a command that only reads (or fails) leaves no folder behind.
+    Processes that race to make it agree: the first file linked into place wins."""
+    if not app.config["SECRET_KEY"]:
+        path = Path(app.instance_path) / "secret_key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            mine = path.with_name(f".secret_key.{os.getpid()}")
+            with os.fdopen(os.open(mine, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as fh:
+                fh.write(secrets.token_hex(32))
+            try:
+                os.link(mine, path)
+            except FileExistsError:
+                pass
+            finally:
+                mine.unlink()
+        app.config["SECRET_KEY"] = path.read_text().strip()
+    return app.config["SECRET_KEY"]
 
 
 def _seconds(name: str, default: float) -> float:
@@ -49,8 +70,7 @@ def _fault_injection(production: bool) -> str:
 
 def load() -> dict:
     """The app's configuration, read from the environment at start-up."""
-    instance = instance_path()
-    instance.mkdir(parents=True, exist_ok=True)
+    instance = instance_path()  # made by the first thing that writes in it, not here
     production = os.environ.get("EXPORTDESK_ENV", "development") == "production"
     return {
         "PRODUCTION": production,
@@ -85,6 +105,7 @@ def load() -> dict:
         "DOWNLOAD_LINK_LOGIN": _flag("DOWNLOAD_LINK_LOGIN", False),
         "EXPORT_FAILURE_EMAIL": _flag("EXPORT_FAILURE_EMAIL", True),
         "PASSWORD_RESET_TTL": timedelta(seconds=_seconds("PASSWORD_RESET_TTL", 3600)),
+        "INVITATION_TTL": timedelta(seconds=_seconds("INVITATION_TTL", 7 * 86400)),
         "EXPORT_RETENTION": timedelta(seconds=_seconds("EXPORT_RETENTION", 7 * 86400)),
         # A failed attempt keeps its part to resume from only while parts hold at most this.
         "EXPORT_PARTS_BUDGET": int(os.environ.get("EXPORT_PARTS_BUDGET", 2 * 1024**3)),

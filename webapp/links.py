@@ -1,8 +1,10 @@
-"""Pages behind the links we email: signed downloads, password resets, and the dev outbox."""
+"""Pages behind the links we email or print: signed downloads, password resets, invitations, and
+the dev outbox."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from email import policy
 from email.parser import BytesParser
 from ipaddress import ip_address
@@ -24,7 +26,7 @@ from wtforms import EmailField, PasswordField
 from wtforms.validators import DataRequired, EqualTo, Length
 
 from jobs.mail import outbox
-from jobs.models import ExportJob, JobState, db
+from jobs.models import ExportJob, JobState, User, db, locked
 from jobs.storage import storage
 from webapp import emails
 from webapp.auth import find_user
@@ -34,6 +36,7 @@ from webapp.tokens import (
     ExpiredToken,
     InvalidToken,
     read_download_token,
+    user_for_invitation_token,
     user_for_reset_token,
 )
 
@@ -58,6 +61,8 @@ def _granted_job(token: str) -> tuple[DownloadGrant, ExportJob]:
     job = db.session.get(ExportJob, grant.job_id)
     if job is None or job.user_id != grant.user_id:
         abort(403, TAMPERED)
+    if not job.user.is_active:  # a link is a credential too: disabling its owner ends it
+        abort(403, "This link's account is disabled.")
     return grant, job
 
 
@@ -124,7 +129,7 @@ def password_reset_request():
     if not form.validate():
         return render_template("password_reset/request.html", form=form), 400
     user = find_user(form.email.data)
-    if user is not None:
+    if user is not None and user.is_active:
         try:
             emails.password_reset(user)
             db.session.commit()
@@ -135,22 +140,38 @@ def password_reset_request():
 
 @bp.route("/password-reset/<token>", methods=["GET", "POST"])
 def password_reset(token: str):
-    try:
-        user = user_for_reset_token(token)
-    except ExpiredToken:
-        return render_template("password_reset/invalid.html", expired=True), 410
-    except InvalidToken:
-        return render_template("password_reset/invalid.html", expired=False), 400
+    return _choose_password(token, user_for_reset_token, invitation=False)
+
+
+@bp.route("/invitation/<token>", methods=["GET", "POST"])
+def invitation(token: str):
+    """The link `flask user create` prints: the newcomer chooses a password, once."""
+    return _choose_password(token, user_for_invitation_token, invitation=True)
+
+
+def _choose_password(token: str, user_for: Callable[[str], User], invitation: bool):
+    """Set the password of the user a genuine token names; the token carried the old
+    password's fingerprint, so it is void once this commits."""
     form = NewPasswordForm()
-    if request.method == "POST":
-        if form.validate():
+    try:
+        user = user_for(token)
+        if request.method == "POST" and form.validate():
+            locked(User, user.id)  # a double submit waits here, then finds the link used
+            user = user_for(token)
             user.set_password(form.password.data)
-            db.session.commit()  # the token carried the old password's fingerprint: now void
-            current_app.logger.info("user %s reset their password", user.id)
-            flash("Your password was changed. Log in with the new one.", "info")
+            db.session.commit()
+            current_app.logger.info("user %s %s", user.id, "accepted their invitation"
+                                    if invitation else "reset their password")
+            flash("Your password is set. Log in with it." if invitation else
+                  "Your password was changed. Log in with the new one.", "info")
             return redirect(url_for("auth.login"), code=303)
-        return render_template("password_reset/form.html", form=form), 400
-    return render_template("password_reset/form.html", form=form)
+    except (ExpiredToken, InvalidToken) as exc:
+        db.session.rollback()
+        expired = isinstance(exc, ExpiredToken)
+        return render_template("password_reset/invalid.html", expired=expired,
+                               invitation=invitation), 410 if expired else 400
+    status = 400 if request.method == "POST" else 200
+    return render_template("password_reset/form.html", form=form, invitation=invitation), status
 
 
 OUTBOX_NAME = re.compile(r"[\w-]+\.eml")

@@ -1,4 +1,5 @@
-"""Signed tokens for the links we email: downloads bound to a job and its owner, password resets."""
+"""Signed tokens for the links we email or print: downloads bound to a job and its owner, password
+resets, and invitations (the link `flask user create` prints)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from flask import current_app
 from itsdangerous import BadData, SignatureExpired, URLSafeTimedSerializer
 
 from jobs.models import ExportJob, User, db
+from webapp.config import ensure_secret_key
 
 DOWNLOAD_SALT = "exportdesk.download-link"
 RESET_SALT = "exportdesk.password-reset"
+INVITATION_SALT = "exportdesk.invitation"
 
 
 class InvalidToken(Exception):
@@ -24,7 +27,7 @@ class ExpiredToken(Exception):
 
 
 def _serializer(salt: str) -> URLSafeTimedSerializer:
-    return URLSafeTimedSerializer(current_app.config["SECRET_KEY"], salt=salt)
+    return URLSafeTimedSerializer(ensure_secret_key(current_app), salt=salt)
 
 
 def _load(salt: str, token: str, max_age: float) -> tuple[dict, datetime, bool]:
@@ -72,22 +75,40 @@ def read_download_token(token: str) -> DownloadGrant:
 
 
 def _password_fingerprint(user: User) -> str:
-    """Changes whenever the password does, so a reset token works once."""
+    """Changes whenever the password does, so a reset or invitation token works once."""
     return hashlib.sha256(user.password_hash.encode()).hexdigest()[:20]
 
 
-def reset_token(user: User) -> str:
-    return _serializer(RESET_SALT).dumps({"user": user.id, "pw": _password_fingerprint(user)})
+def _password_token(salt: str, user: User) -> str:
+    return _serializer(salt).dumps({"user": user.id, "pw": _password_fingerprint(user)})
 
 
-def user_for_reset_token(token: str) -> User:
-    """The user a reset token is for; InvalidToken once used (the password changed)."""
-    ttl = current_app.config["PASSWORD_RESET_TTL"].total_seconds()
-    payload, _signed, expired = _load(RESET_SALT, token, ttl)
+def _user_for_password_token(salt: str, token: str, setting: str) -> User:
+    """The user a password token is for; InvalidToken once used (the password changed) or
+    when the account is disabled, ExpiredToken after `setting` (a timedelta) has passed."""
+    ttl = current_app.config[setting].total_seconds()
+    payload, _signed, expired = _load(salt, token, ttl)
     if expired:
         raise ExpiredToken
     user_id = payload.get("user")
     user = db.session.get(User, user_id) if isinstance(user_id, int) else None
-    if user is None or payload.get("pw") != _password_fingerprint(user):
+    if user is None or payload.get("pw") != _password_fingerprint(user) or not user.is_active:
         raise InvalidToken
     return user
+
+
+def reset_token(user: User) -> str:
+    return _password_token(RESET_SALT, user)
+
+
+def user_for_reset_token(token: str) -> User:
+    return _user_for_password_token(RESET_SALT, token, "PASSWORD_RESET_TTL")
+
+
+def invitation_token(user: User) -> str:
+    """A reset token by another name: it lives longer (INVITATION_TTL) and greets a newcomer."""
+    return _password_token(INVITATION_SALT, user)
+
+
+def user_for_invitation_token(token: str) -> User:
+    return _user_for_password_token(INVITATION_SALT, token, "INVITATION_TTL")
