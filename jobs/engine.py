@@ -1,4 +1,9 @@
-"""The export engine: claim a job, keep its lease, save its checkpoints, run it to its file."""
+"""The export engine: claim a job, keep its lease, save its checkpoints, run it to its file.
+
+A little over 400 lines on purpose: claim, lease, checkpoint saves and the attempt's ending are
+one protocol on the job row (who holds the claim, when it lapses, what an ending writes), and
+reading it in one place is what lets each instant be checked against a crash.
+"""
 
 from __future__ import annotations
 
