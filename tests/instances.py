@@ -31,6 +31,7 @@ class Instance:
     def __init__(self, path: Path, rows: int, consumer_env: dict[str, str],
                  user: str = "bob@globex.test", env: dict[str, str] | None = None):
         self.path, self.user, self.consumer_env = path, user, consumer_env
+        path.mkdir(parents=True, exist_ok=True)  # its consumers' logs live here (any database)
         self.exports = Path(consumer_env.get("EXPORT_DIR") or path / "exports")
         self.env = {**os.environ, "INSTANCE_PATH": str(path), "FLASK_APP": "webapp",
                     "PYTHONUNBUFFERED": "1", "BROKER_URL": "", "DATABASE_URL": database_for(path),
