@@ -120,6 +120,34 @@ class User(UserMixin, db.Model):
         return check_password_hash(self.password_hash, password)
 
 
+class UserSession(db.Model):
+    """A login: the session cookie names it, so logout, a password change or disabling the
+    account ends it on the server, whatever copy of the cookie is still around."""
+
+    __tablename__ = "user_sessions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)  # SHA-256 of the cookie's id
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ended_at: Mapped[datetime | None] = mapped_column(default=None)
+    user: Mapped[User] = relationship()
+
+
+class LoginFailure(db.Model):
+    """A failed login, kept for the guessing limit (per account and per client address): in
+    the database, so every web process counts the same failures."""
+
+    __tablename__ = "login_failures"
+    __table_args__ = (
+        Index("ix_login_failures_email_at", "email", "at"),
+        Index("ix_login_failures_address_at", "address", "at"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    email: Mapped[str] = mapped_column(String(254))  # as typed, lowercase: no hint it exists
+    address: Mapped[str] = mapped_column(String(64))
+
+
 class ApiToken(db.Model):
     """A personal API token; only its SHA-256 is stored (random tokens need no salt)."""
 
@@ -293,7 +321,7 @@ class OutboundEmail(db.Model):
 
 
 class AdminAction(db.Model):
-    """The audit log: every action an admin takes, on a job, an email or a lane."""
+    """The audit log: every action an admin takes, on a job, an email, a lane or a person."""
 
     __tablename__ = "admin_actions"
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -305,8 +333,13 @@ class AdminAction(db.Model):
     email_id: Mapped[int | None] = mapped_column(
         ForeignKey("outbound_emails.id", ondelete="SET NULL"), index=True, default=None)
     lane: Mapped[str | None] = mapped_column(String(20), default=None)
+    subject_user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id"), index=True, default=None)  # the person acted on
+    org_id: Mapped[int | None] = mapped_column(
+        ForeignKey("organisations.id"), index=True, default=None)  # the organisation acted on
     detail: Mapped[str] = mapped_column(Text, default="")
-    user: Mapped[User] = relationship()
+    user: Mapped[User] = relationship(foreign_keys=[user_id])
+    subject_user: Mapped[User | None] = relationship(foreign_keys=[subject_user_id])
 
 
 class Transaction(db.Model):
