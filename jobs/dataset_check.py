@@ -40,7 +40,7 @@ def check(dataset: Dataset, engine: Engine) -> Report:
             else:
                 conn.execute(probe).close()
         except SQLAlchemyError as exc:
-            report.problems.append(f"the source cannot be read: {_first_line(exc)}")
+            report.problems.append(f"the source cannot be read: {first_line(exc)}")
             return report
         if not isinstance(dataset.table, TableClause):
             _check_query(conn, dataset, report)
@@ -98,7 +98,7 @@ def _check_query(conn: Connection, dataset: Dataset, report: Report) -> None:
     try:
         total, distinct = conn.execute(select(func.count(), func.count(key.distinct()))).one()
     except SQLAlchemyError as exc:
-        report.problems.append(f"key {dataset.key!r}: cannot be counted: {_first_line(exc)}")
+        report.problems.append(f"key {dataset.key!r}: cannot be counted: {first_line(exc)}")
         return
     if total != distinct:
         report.problems.append(f"key {dataset.key!r}: not unique ({total:,} rows, "
@@ -118,9 +118,9 @@ def _estimate(conn: Connection, dataset: Dataset) -> str:
         rows = conn.execute(select(func.count()).select_from(dataset.table)).scalar()
         return f"{rows:,}"
     except SQLAlchemyError as exc:
-        return f"unknown ({_first_line(exc)})"
+        return f"unknown ({first_line(exc)})"
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     orig = getattr(exc, "orig", None) or exc
     return (str(orig).strip().splitlines() or [type(orig).__name__])[0][:300]

@@ -13,8 +13,26 @@ import tomllib
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from sqlalchemy import Boolean, Date, DateTime, Integer, Numeric, Text, column, table, text
+from flask import current_app
+from sqlalchemy import (
+    Boolean,
+    Connection,
+    Date,
+    DateTime,
+    Float,
+    Integer,
+    Numeric,
+    TableClause,
+    Text,
+    column,
+    inspect,
+    select,
+    table,
+    text,
+)
+from sqlalchemy.types import TypeEngine
 
+from jobs import source
 from jobs.datasets import KINDS, ROLES, Column, Dataset, Field
 
 DEMO_FILE = Path(__file__).with_name("demo_datasets.toml")
@@ -135,7 +153,7 @@ def _dataset(entry: dict, where: _Where) -> Dataset | None:
     names = [c.name for c in columns]
     if key is not None and columns and key not in names:
         where("key", f"must be one of the exported columns ({', '.join(names)})")
-    if key is not None and any(c.name == key and c.kind != "int" for c in columns):
+    if key is not None and any(c.name == key and c.kind not in ("int", None) for c in columns):
         where("key", "must be an integer column (pages are read after its last value)")
     kinds = {c.name: c.kind for c in columns}
     params = _params(where.take(entry, "params", list, default=[]), where, kinds)
@@ -165,7 +183,7 @@ def _dataset(entry: dict, where: _Where) -> Dataset | None:
         typed.setdefault(tenant, tenant_kind)
     for param in params:
         typed.setdefault(param.column, param.column_kind)
-    cols = [column(n, TYPES[k]) for n, k in typed.items()]
+    cols = [column(n, TYPES[k]) if k else column(n) for n, k in typed.items()]
     if sql is not None:
         source = text(sql.strip().rstrip(";")).columns(*cols).subquery("source")
     else:
@@ -194,11 +212,11 @@ def _columns(entries: list, where: _Where, kind_required: bool) -> list[Column]:
         if not IDENTIFIER.match(name) or "." in name:
             where(f"columns[{n}].name", f"{name!r} is not a column name")
             continue
-        kind = where.take(item, "kind", str, default="text")
-        if kind not in KINDS:
+        kind = where.take(item, "kind", str)  # None: read from the source (`with_schema_kinds`)
+        if kind is not None and kind not in KINDS:
             where(f"columns[{n}].kind", f"must be one of {', '.join(KINDS)}")
         scale = where.take(item, "scale", int)
-        if scale is not None and (kind != "decimal" or not 0 <= scale <= 12):
+        if scale is not None and (kind not in ("decimal", None) or not 0 <= scale <= 12):
             where(f"columns[{n}].scale", "is for decimal columns, 0 to 12 places")
         if name in (c.name for c in columns):
             where(f"columns[{n}].name", f"{name!r} is listed twice")
@@ -279,3 +297,72 @@ def _params(entries: list, where: _Where, kinds: dict[str, str]) -> list[Field]:
     for name in {n for n in names if names.count(n) > 1}:
         where("params", f"the field {name!r} is declared twice")
     return fields
+
+
+# Kinds read from the source database, for the columns the file declares without one
+
+
+def with_schema_kinds(dataset: Dataset) -> Dataset:
+    """`dataset` with every column the file left without a kind typed from the source database
+    (its decimal scale too), checked again as if the file had said so. Its definition, and so
+    its fingerprint, holds the kinds read: a column whose type changes under a job is a changed
+    definition (docs/datasets.md)."""
+    with source.connect() as conn:
+        kinds = schema_kinds(dataset, conn)
+    entry = dict(dataset.definition)
+    columns = []
+    for item in entry["columns"]:
+        item = {"name": item} if isinstance(item, str) else dict(item)
+        if "kind" not in item:
+            item["kind"], scale = kinds.get(item["name"], ("text", None))
+            if item["kind"] == "decimal" and scale is not None:
+                item.setdefault("scale", scale)
+        columns.append(item)
+    entry["columns"] = columns
+    problems: list[str] = []
+    typed = _dataset(entry, _Where(problems, f"dataset {dataset.name!r}"))
+    if typed is None:
+        raise DatasetFileError(Path(current_app.config["DATASETS_FILE"] or DEMO_FILE), [
+            f"{p} (with the kinds read from the source database)" for p in problems])
+    return typed
+
+
+def schema_kinds(dataset: Dataset, conn: Connection) -> dict[str, tuple[str, int | None]]:
+    """Each source column's kind and decimal scale: a table's or view's reflected types; a `sql`
+    source's result types on PostgreSQL. SQLite cannot tell a query's types: none (text)."""
+    source_table = dataset.table
+    if isinstance(source_table, TableClause):
+        return {c["name"]: kind_of(c["type"]) for c in inspect(conn).get_columns(
+            source_table.name, schema=source_table.schema)}
+    if conn.dialect.name != "postgresql":
+        return {}
+    result = conn.execute(select(source_table).limit(0))
+    types = conn.connection.dbapi_connection.adapters.types
+    kinds = {}
+    for described in result.cursor.description:
+        info = types.get(described.type_code)
+        kind = POSTGRES_KINDS.get(info.name if info else "", "text")
+        kinds[described.name] = (kind, _scale(described.scale) if kind == "decimal" else None)
+    result.close()
+    return kinds
+
+
+POSTGRES_KINDS = {"int2": "int", "int4": "int", "int8": "int", "numeric": "decimal",
+                  "float4": "decimal", "float8": "decimal", "bool": "bool", "date": "date",
+                  "timestamp": "datetime", "timestamptz": "datetime"}
+
+
+def kind_of(sql_type: TypeEngine) -> tuple[str, int | None]:
+    """The kind (and decimal scale) a reflected column type is written as."""
+    for sa_type, kind in ((Boolean, "bool"), (Integer, "int"), (DateTime, "datetime"),
+                          (Date, "date"), (Float, "decimal")):
+        if isinstance(sql_type, sa_type):
+            return kind, None
+    if isinstance(sql_type, Numeric):
+        return "decimal", _scale(sql_type.scale)
+    return "text", None
+
+
+def _scale(scale: int | None) -> int | None:
+    """A declared scale we write as such; any other, as stored."""
+    return scale if scale is not None and 0 <= scale <= 12 else None

@@ -41,7 +41,7 @@ class Column:
     (as stored when None)."""
 
     name: str
-    kind: str
+    kind: str | None  # None: not declared, read from the source database (registry())
     label: str | None = None
     scale: int | None = None
 
@@ -249,6 +249,11 @@ class Dataset:
         return select(col).where(tenant, col.is_not(None)).distinct().order_by(col).limit(200)
 
     @property
+    def undeclared(self) -> list[str]:
+        """Columns the file gives no kind: the source database's schema will say."""
+        return [c.name for c in self.columns if c.kind is None]
+
+    @property
     def column_names(self) -> Sequence[str]:
         return [c.name for c in self.columns]
 
@@ -261,9 +266,24 @@ def _order(param: Field, value: str) -> object:
     return Decimal(value) if param.kind == "number" else value
 
 
-def registry() -> dict[str, Dataset]:
-    """The datasets of the running app (read from DATASETS_FILE by webapp.create_app)."""
+def declared() -> dict[str, Dataset]:
+    """The datasets as the file declares them (read from DATASETS_FILE by webapp.create_app)."""
     return current_app.extensions["exportdesk.datasets"]
+
+
+def registry() -> dict[str, Dataset]:
+    """The datasets of the running app, each column with its kind: those the file left without
+    one are read from the source database on first use, once per process. (The app hands over
+    `jobs.dataset_file.with_schema_kinds` as "exportdesk.datasets.typing": that module builds
+    datasets, so this one cannot import it.)"""
+    extensions = current_app.extensions
+    found = declared()
+    cached = extensions.get("exportdesk.datasets.typed")
+    if cached is None or cached[0] is not found:
+        typing = extensions["exportdesk.datasets.typing"]
+        typed = {name: typing(d) if d.undeclared else d for name, d in found.items()}
+        cached = extensions["exportdesk.datasets.typed"] = (found, typed)
+    return cached[1]
 
 
 def get(name: object) -> Dataset | None:

@@ -11,6 +11,7 @@ from sqlalchemy import exc as sa_exc
 
 from jobs import source
 from jobs.csvrows import BadValue
+from jobs.dataset_file import DatasetFileError
 from jobs.datasets import InvalidParams
 from jobs.formats import TooManyRows
 
@@ -38,7 +39,7 @@ def is_permanent(exc: BaseException) -> bool:
     """Also a statement past the source's time limit (the same query would run as long again)
     and a value that cannot be exported (the same rows would hold it again)."""
     return (isinstance(exc, InvalidParams | PermanentFailure | TooManyRows | BadValue
-                       | sa_exc.DataError) or source.timed_out(exc))
+                       | DatasetFileError | sa_exc.DataError) or source.timed_out(exc))
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -52,7 +53,7 @@ def reason(exc: BaseException) -> str:
     first = (str(exc).strip().splitlines() or [""])[0][:300]
     if isinstance(exc, InvalidParams):
         return f"Invalid parameters: {first}"
-    if isinstance(exc, PermanentFailure | TooManyRows):
+    if isinstance(exc, PermanentFailure | TooManyRows | DatasetFileError):
         return first
     if isinstance(exc, BadValue | sa_exc.DataError):  # the database's words, without its class
         words = str(exc.orig if isinstance(exc, sa_exc.DataError) else exc).strip()

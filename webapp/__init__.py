@@ -76,6 +76,7 @@ def create_app(test_config: dict | None = None) -> Flask:
 
     try:
         app.extensions["exportdesk.datasets"] = dataset_file.load(app.config["DATASETS_FILE"])
+        app.extensions["exportdesk.datasets.typing"] = dataset_file.with_schema_kinds
     except DatasetFileError as exc:  # refuse to start, with the file's problems, no traceback
         raise SystemExit(f"exportdesk cannot start: {exc}") from None
     lanes.init_app(app)
@@ -98,6 +99,12 @@ def _register_error_pages(app: Flask) -> None:
     @app.errorhandler(CSRFError)
     def csrf_error(exc: CSRFError):
         return _error(400, "Your form expired or was not sent from this site. Please try again.")
+
+    @app.errorhandler(DatasetFileError)
+    def datasets_mismatch(exc: DatasetFileError):
+        app.logger.error("%s", exc)
+        return _error(503, "The datasets file does not match the source database; an admin "
+                      "can see why with `flask datasets check`.")
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):

@@ -13,9 +13,11 @@ import click
 from flask import Flask, current_app
 from flask.cli import AppGroup
 from sqlalchemy import TableClause, select
+from sqlalchemy.exc import SQLAlchemyError
 
-from jobs import dataset_check, datasets, lanes, source
+from jobs import dataset_check, dataset_file, datasets, lanes, source
 from jobs.checkpoints import Checkpoint
+from jobs.dataset_file import DatasetFileError
 from jobs.datasets import InvalidParams, visible
 from jobs.formats import FORMATS, stream
 from jobs.models import ExportJob, JobState, db
@@ -182,7 +184,21 @@ def datasets_check_command() -> None:
     (A file that cannot be read, or a field that is wrong, stops every command before this
     one, with the file, the dataset and the field named.)"""
     problems = 0
-    for dataset in datasets.registry().values():
+    for declared in datasets.declared().values():
+        try:
+            dataset = dataset_file.with_schema_kinds(declared) if declared.undeclared else declared
+        except DatasetFileError as exc:
+            failed = exc.problems
+        except SQLAlchemyError as exc:
+            failed = [f"the kinds of {', '.join(declared.undeclared)} cannot be read from the "
+                      f"source: {dataset_check.first_line(exc)}"]
+        else:
+            failed = []
+        if failed:
+            click.echo(f"{declared.name}: {len(failed)} problem(s)")
+            click.echo("".join(f"  PROBLEM {line}\n" for line in failed), nl=False)
+            problems += len(failed)
+            continue
         report = dataset_check.check(dataset, source.engine())
         where = (f"table {dataset.table.fullname}" if isinstance(dataset.table, TableClause)
                  else "sql")
@@ -195,7 +211,7 @@ def datasets_check_command() -> None:
             click.echo(f"  PROBLEM {problem}")
         problems += len(report.problems)
     file = current_app.config["DATASETS_FILE"] or "the demo's datasets"
-    click.echo(f"{len(datasets.registry())} dataset(s) in {file}: "
+    click.echo(f"{len(datasets.declared())} dataset(s) in {file}: "
                f"{problems or 'no'} problem(s)")
     if problems:
         sys.exit(1)
