@@ -19,7 +19,6 @@ from jobs.dataset_file import DatasetFileError, load
 from jobs.datasets import InvalidParams
 from jobs.models import db
 
-
 POSTGRES = bool(TEST_DATABASE_URL)
 
 
