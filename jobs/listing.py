@@ -285,15 +285,16 @@ def page_of_rows(where: JobFilter, cursor: Cursor, size: int = PAGE
                         min(emails) if emails else cursor.email)
 
 
-def page_of_jobs(where: JobFilter, before: int | None, size: int, user_id: int | None = None
-                 ) -> tuple[list[ExportJob], int | None]:
-    """Export jobs the filter matches (only `user_id`'s, if given) below the id `before`,
-    newest first, as ORM objects; and the `before` of the next page (None: the last)."""
+def page_of_jobs(where: JobFilter, before: int | None, size: int,
+                 owner: tuple[int, int] | None = None) -> tuple[list[ExportJob], int | None]:
+    """Export jobs the filter matches (only those a user made in an organisation, if `owner`
+    (user id, organisation id) is given) below the id `before`, newest first, as ORM objects;
+    and the `before` of the next page (None: the last)."""
     conditions = where.job_conditions()
     if conditions is None:
         return [], None
-    if user_id is not None:
-        conditions.append(ExportJob.user_id == user_id)
+    if owner is not None:
+        conditions += [ExportJob.user_id == owner[0], ExportJob.org_id == owner[1]]
     if before is not None:
         conditions.append(where.job_key < before)
     jobs = db.session.scalars(select(ExportJob).where(*conditions)

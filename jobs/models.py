@@ -92,6 +92,7 @@ class User(UserMixin, db.Model):
     role: Mapped[str] = mapped_column(String(20), default="user")
     # Set: the account can no longer log in, nor use its session or API tokens; its jobs stay.
     disabled_at: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime | None] = mapped_column(default=utcnow)  # NULL: made before
     organisation: Mapped[Organisation] = relationship()
 
     @validates("email")

@@ -49,6 +49,7 @@ def reset_path(message) -> str:
 
 
 def test_reset_end_to_end_and_the_token_works_once(app, client, sending, carol):
+    elsewhere = login(app.test_client(), carol)  # e.g. whoever learnt the old password
     assert 'href="/password-reset"' in client.get("/login").get_data(as_text=True)
     response = request_reset(client, "  Carol@Acme.test ")
     assert response.status_code == 200
@@ -63,6 +64,7 @@ def test_reset_end_to_end_and_the_token_works_once(app, client, sending, carol):
                                        "csrf_token": token})
     assert response.status_code == 303 and response.headers["Location"] == "/login"
     assert "Your password was changed" in client.get("/login").get_data(as_text=True)
+    assert elsewhere.get("/exports").status_code == 302, "the reset ends every session"
     login(app.test_client(), carol, "a new secret")
     fresh = app.test_client()
     page = fresh.get("/login").get_data(as_text=True)

@@ -80,6 +80,7 @@ EVERY_COMMAND = [
     ("user", "set-role", "alice@acme.test", "admin"),
     ("user", "disable", "alice@acme.test"),
     ("user", "enable", "alice@acme.test"),
+    ("user", "move", "alice@acme.test", "globex"),
     ("token", "create", "alice@acme.test"),
     ("token", "list", "alice@acme.test"),
     ("token", "revoke", "1"),
@@ -269,7 +270,8 @@ def test_disable_stops_session_and_tokens_on_the_next_request_and_enable_restore
             ExportJob.user_id == find_user("alice@acme.test").id)).all() == jobs
 
     assert ok(env, "user", "enable", "alice@acme.test").strip() == "alice@acme.test: enabled"
-    assert alice.get("/exports").status_code == 200
+    # The sessions that disabling ended stay ended: they log in again; tokens work again.
+    assert login(app.test_client(), "alice@acme.test").get("/exports").status_code == 200
     assert api.get("/api/jobs", headers=bearer(token)).status_code == 200
 
 
@@ -285,6 +287,23 @@ def test_disabling_also_ends_emailed_download_links(app, env):
     assert client.get(link).status_code == 403
     ok(env, "user", "enable", "alice@acme.test")
     assert client.get(link).status_code == 200
+
+
+def test_move_and_the_rules_from_the_command_line_are_those_of_the_admin_pages(app, env):
+    from jobs.models import AdminAction
+
+    assert ok(env, "user", "move", "alice@acme.test", "globex").strip() == \
+        "alice@acme.test: now in Globex (globex)"
+    assert "globex" in next(line for line in ok(env, "user", "list").splitlines()
+                            if "alice@acme.test" in line)
+    assert refused(env, "user", "move", "alice@acme.test", "globex") == \
+        "Error: alice@acme.test is in Globex already"
+    assert "no organisation" in refused(env, "user", "move", "alice@acme.test", "nope")
+    assert refused(env, "user", "set-role", "admin@exportdesk.test", "user").startswith(
+        "Error: admin@exportdesk.test is the last active admin")
+    assert "last active admin" in refused(env, "user", "disable", "admin@exportdesk.test")
+    with app.app_context():  # the command line names nobody: it writes no audit row
+        assert db.session.scalar(select(AdminAction.id)) is None
 
 
 # Tokens

@@ -15,7 +15,19 @@ from werkzeug.exceptions import HTTPException
 from jobs import dataset_file, lanes, tasks  # noqa: F401 (tasks: declares every task on its lane)
 from jobs.dataset_file import DatasetFileError
 from jobs.models import db
-from webapp import admin, api, auth, cli, config, emails, exports, links, ops
+from webapp import (
+    account,
+    admin,
+    admin_people,  # noqa: F401 (admin_people nests itself in admin)
+    api,
+    auth,
+    cli,
+    config,
+    emails,
+    exports,
+    links,
+    ops,
+)
 from webapp.extensions import csrf, login_manager, migrate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -83,6 +95,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     emails.init_app(app)
 
     app.register_blueprint(auth.bp)
+    app.register_blueprint(account.bp)
     app.register_blueprint(exports.bp)
     app.register_blueprint(api.bp)
     app.register_blueprint(links.bp)

@@ -111,12 +111,14 @@ def create_export_job():
 @bp.get("/jobs")
 @login_required
 def list_jobs():
-    """My jobs, newest first (admins and viewers: everyone's, with the admin list's filters);
+    """My jobs (made in my organisation), newest first (admins and viewers: everyone's, with
+    the admin list's filters);
     `?before=<id>` pages on, as the `next` link says."""
     where = JobFilter.from_args(request.args) if current_user.is_staff else JobFilter()
     before = request.args.get("before", "")
+    mine = None if current_user.is_staff else (current_user.id, current_user.org_id)
     jobs, last = listing.page_of_jobs(where, int(before) if before.isdigit() else None, PAGE,
-                                      None if current_user.is_staff else current_user.id)
+                                      mine)
     following = None if last is None else url_for("api.list_jobs", **where.args(), before=last)
     return jsonify(jobs=[job_json(job) for job in jobs], next=following)
 
@@ -150,7 +152,7 @@ def retry_job(job_id: int):
 
 def _change(job_id: int, change):
     """Cancel or retry, as the buttons do: 202 with the job, 409 when its state does not allow."""
-    job = job_for(current_user, job_id)
+    job = job_for(current_user, job_id, change=True)
     reason = job_action(job, change)
     if reason is not None:
         return jsonify(error=reason, state=job.state), 409

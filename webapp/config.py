@@ -106,6 +106,10 @@ def load() -> dict:
         "EXPORT_FAILURE_EMAIL": _flag("EXPORT_FAILURE_EMAIL", True),
         "PASSWORD_RESET_TTL": timedelta(seconds=_seconds("PASSWORD_RESET_TTL", 3600)),
         "INVITATION_TTL": timedelta(seconds=_seconds("INVITATION_TTL", 7 * 86400)),
+        # Failed logins allowed per account (email as typed) and per client address within
+        # the window; past that, even the right password waits (docs/people.md). 0: no limit.
+        "LOGIN_FAILURE_LIMIT": int(os.environ.get("LOGIN_FAILURE_LIMIT", 10)),
+        "LOGIN_FAILURE_WINDOW": timedelta(seconds=_seconds("LOGIN_FAILURE_WINDOW", 900)),
         "EXPORT_RETENTION": timedelta(seconds=_seconds("EXPORT_RETENTION", 7 * 86400)),
         # A failed attempt keeps its part to resume from only while parts hold at most this.
         "EXPORT_PARTS_BUDGET": int(os.environ.get("EXPORT_PARTS_BUDGET", 2 * 1024**3)),

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from jobs import datasets, dispatch, signals
 from jobs.models import ExportJob, JobState, OutboundEmail, User, db, utcnow
-from webapp.tokens import DownloadGrant, download_token, reset_token
+from webapp.tokens import DownloadGrant, download_token, invitation_token, reset_token
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,9 @@ def export_finished(job: ExportJob) -> None:
     """Tell the owner how their export ended. Called (through jobs.signals.export_finished) by
     the engine before the commit that records the end, so the job's final state and its email
     are saved together or not at all."""
+    if job.org_id != job.user.org_id:  # moved since: the file is the old organisation's
+        log.info("job %s ended after its owner moved organisation: no email", job.id)
+        return
     try:
         if job.state == JobState.SUCCEEDED:
             download_email(job, f"export-ready:{job.id}")
@@ -106,4 +109,16 @@ def password_reset(user: User) -> OutboundEmail | None:
         "Reset your exportdesk password", "password_reset",
         link=external_url(f"/password-reset/{reset_token(user)}"),
         minutes=int(ttl.total_seconds() // 60),
+    )
+
+
+def invitation(user: User, inviter: User) -> OutboundEmail | None:
+    """The newcomer's single-use link to choose a password (it carries the unusable password's
+    fingerprint, so it stops once one is set), through the critical lane like a reset."""
+    ttl = current_app.config["INVITATION_TTL"]
+    return queue_email(
+        f"invitation:{user.id}:{utcnow():%Y%m%d%H%M}", "invitation", user.email,
+        f"You are invited to exportdesk ({user.organisation.name})", "invitation",
+        link=external_url(f"/invitation/{invitation_token(user)}"), user=user,
+        inviter=inviter, expires=utcnow() + ttl,
     )

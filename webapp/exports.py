@@ -73,12 +73,12 @@ def request_export(user: User, dataset_name: object, fmt: object, params: object
         raise InvalidParams(errors)
 
     locked(User, user.id)
-    same_request = (ExportJob.user_id == user.id, ExportJob.dataset == dataset.name,
-                    ExportJob.format == fmt)
+    mine = (ExportJob.user_id == user.id, ExportJob.org_id == user.org_id)
+    same_request = (*mine, ExportJob.dataset == dataset.name, ExportJob.format == fmt)
     if idempotency_key is not None:
         since = utcnow() - current_app.config["IDEMPOTENCY_TTL"]
         earlier = db.session.scalars(
-            select(ExportJob).where(ExportJob.user_id == user.id,
+            select(ExportJob).where(*mine,
                                     ExportJob.idempotency_key == idempotency_key,
                                     ExportJob.created_at >= since)
             .order_by(ExportJob.id.desc())
@@ -122,12 +122,31 @@ def request_export(user: User, dataset_name: object, fmt: object, params: object
     return job, True
 
 
-def job_for(user: User, job_id: int) -> ExportJob:
-    """The job if this user may see it (owner or admin); 404 otherwise, so ids leak nothing."""
+def owns(user: User, job: ExportJob) -> bool:
+    """The user's own job, made in the organisation they are in: moved to another one, they
+    no longer reach the jobs and files of the old one (its data, not theirs)."""
+    return job.user_id == user.id and job.org_id == user.org_id
+
+
+def may_change(user: User, job: ExportJob) -> bool:
+    """Cancel or retry: the owner or an admin (a viewer sees everything, changes nothing)."""
+    return owns(user, job) or user.is_admin
+
+
+def job_for(user: User, job_id: int, change: bool = False) -> ExportJob:
+    """The job if this user may see it (owner, admin or viewer); 404 otherwise, so ids leak
+    nothing. With `change`, a viewer who may only look gets 403."""
     job = db.session.get(ExportJob, job_id)
-    if job is None or not (job.user_id == user.id or user.is_admin):
+    if job is None or not (owns(user, job) or user.is_staff):
         abort(404)
+    if change and not may_change(user, job):
+        abort(403, "Only the owner or an admin can change this export; your role can only look.")
     return job
+
+
+@bp.app_template_global("may_change")
+def _may_change(job: ExportJob) -> bool:
+    return may_change(current_user, job)
 
 
 @dataclass(frozen=True)
@@ -176,7 +195,8 @@ def duration(seconds: float | None) -> str:
 
 def _my_jobs() -> list[ExportJob]:
     return list(db.session.scalars(
-        select(ExportJob).where(ExportJob.user_id == current_user.id)
+        select(ExportJob).where(ExportJob.user_id == current_user.id,
+                                ExportJob.org_id == current_user.org_id)
         .order_by(ExportJob.id.desc()).limit(100)
     ))
 
@@ -282,7 +302,7 @@ def _after_action(job: ExportJob, notice: str | None = None, status: int = 200):
 @login_required
 def confirm_cancel(job_id: int):
     """The confirmation step when JavaScript is off (htmx asks with a dialog instead)."""
-    job = job_for(current_user, job_id)
+    job = job_for(current_user, job_id, change=True)
     view = "list" if request.args.get("view") == "list" else "job"
     return render_template("exports/confirm_cancel.html", job=job, view=view)
 
@@ -301,7 +321,7 @@ def retry(job_id: int):
 
 def _change(job_id: int, change: Callable[[ExportJob], None]):
     """Cancel or retry for the owner or an admin; 409 with the reason when the state forbids."""
-    job = job_for(current_user, job_id)
+    job = job_for(current_user, job_id, change=True)
     reason = job_action(job, change)
     if reason is not None:
         return _after_action(job, reason, 409)

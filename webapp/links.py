@@ -29,8 +29,9 @@ from jobs.mail import outbox
 from jobs.models import ExportJob, JobState, User, db, locked
 from jobs.storage import storage
 from webapp import emails
-from webapp.auth import find_user
+from webapp.auth import end_sessions, find_user
 from webapp.downloads import send_export
+from webapp.exports import owns
 from webapp.tokens import (
     DownloadGrant,
     ExpiredToken,
@@ -63,6 +64,8 @@ def _granted_job(token: str) -> tuple[DownloadGrant, ExportJob]:
         abort(403, TAMPERED)
     if not job.user.is_active:  # a link is a credential too: disabling its owner ends it
         abort(403, "This link's account is disabled.")
+    if job.org_id != job.user.org_id:  # its owner moved: the old organisation's file stays there
+        abort(403, "This link's account has moved to another organisation.")
     return grant, job
 
 
@@ -77,7 +80,7 @@ def download(token: str):
     if current_app.config["DOWNLOAD_LINK_LOGIN"]:
         if not current_user.is_authenticated:
             return redirect(url_for("auth.login", next=request.path))
-        if current_user.id != job.user_id and not current_user.is_admin:
+        if not (owns(current_user, job) or current_user.is_staff):
             abort(403, "This link belongs to another account.")
     if job.state not in (JobState.SUCCEEDED, JobState.EXPIRED):
         abort(404, "This export has no file to download.")
@@ -159,6 +162,7 @@ def _choose_password(token: str, user_for: Callable[[str], User], invitation: bo
             locked(User, user.id)  # a double submit waits here, then finds the link used
             user = user_for(token)
             user.set_password(form.password.data)
+            end_sessions(user)  # whoever knew the old password is logged out everywhere
             db.session.commit()
             current_app.logger.info("user %s %s", user.id, "accepted their invitation"
                                     if invitation else "reset their password")

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import functools
 import os
-import re
-import secrets
 import sqlite3
-import unicodedata
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import closing
 from datetime import datetime
@@ -25,16 +22,14 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from flask import current_app
 from flask.cli import AppGroup
-from sqlalchemy import URL, false, func, or_, select
+from sqlalchemy import URL, select
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 
-from jobs.models import ApiToken, Organisation, User, db, utcnow
+from jobs.models import ApiToken, Organisation, User, db
+from webapp import people_ops as ops
 from webapp.auth import create_token, find_user
 from webapp.emails import external_url
 from webapp.tokens import invitation_token
-
-ROLES = ("user", "viewer", "admin")
-EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
 
 
 def fail(message: str) -> NoReturn:
@@ -92,12 +87,17 @@ def require_database() -> None:
 
 
 def migrated(command: Callable) -> Callable:
-    """Run `require_database` before the command (innermost decorator, below click's)."""
+    """Run `require_database` before the command (innermost decorator, below click's); a
+    change the rules refuse (people_ops.Refused) is one line."""
 
     @functools.wraps(command)
     def checked(*args, **kwargs):
         require_database()
-        return command(*args, **kwargs)
+        try:
+            return command(*args, **kwargs)
+        except ops.Refused as exc:
+            db.session.rollback()
+            fail(str(exc))
 
     return checked
 
@@ -128,11 +128,6 @@ def _when(at: datetime | None) -> str:
     return f"{at:%Y-%m-%d %H:%M} UTC" if at else "never"
 
 
-def _id(text: str) -> int | None:
-    """TEXT as a row id, if it can be one (SQLite's integers stop at 2**63)."""
-    return int(text) if text.isdigit() and int(text) < 2**63 else None
-
-
 def _user(email: str) -> User:
     user = find_user(email)
     if user is None:
@@ -140,48 +135,11 @@ def _user(email: str) -> User:
     return user
 
 
-def _role(role: str) -> str:
-    if role not in ROLES:
-        fail(f"unknown role {role!r}: choose {', '.join(ROLES)}")
-    return role
-
-
-def _key_filter(key: str):
-    """Organisations whose rows carry `key`: their data key, or their id when they have none."""
-    ident = _id(key)
-    by_id = (Organisation.data_key.is_(None) & (Organisation.id == ident)
-             if ident is not None else false())
-    return or_(Organisation.data_key == key, by_id)
-
-
 def find_org(slug_or_key: str) -> Organisation:
-    """By slug, else by key (a slug wins: it is what `flask org list` names first)."""
-    org = db.session.scalar(select(Organisation).where(Organisation.slug == slug_or_key))
-    org = org or db.session.scalar(select(Organisation).where(_key_filter(slug_or_key)))
+    org = ops.find_org(slug_or_key)
     if org is None:
         fail(f"no organisation with slug or key {slug_or_key!r}; see `flask org list`")
     return org
-
-
-def _check_key(key: str, org: Organisation | None = None) -> str:
-    """Two organisations with one key would see each other's rows: refuse."""
-    key = key.strip()
-    if not key or len(key) > 200:
-        fail("the key must be 1 to 200 characters")
-    others = select(Organisation).where(_key_filter(key))
-    if org is not None:
-        others = others.where(Organisation.id != org.id)
-    other = db.session.scalar(others)
-    if other is not None:
-        fail(f"organisation {other.slug!r} has the key {key!r} already: each organisation's "
-             "rows need a key of their own")
-    return key
-
-
-def slugify(name: str) -> str:
-    """'Acme Café, Inc.' -> 'acme-cafe-inc'."""
-    ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode()
-    return re.sub(r"[^a-z0-9]+", "-", ascii_name.lower()).strip("-")[:60].rstrip("-")
 
 
 # flask org
@@ -199,16 +157,8 @@ def org_group() -> None:
 @migrated
 def org_create(name: str, key: str) -> None:
     """Create the organisation NAME (its slug is made from the name)."""
-    name, slug = name.strip(), slugify(name)
-    if not slug or len(name) > 120:
-        fail("the name must be at most 120 characters, with letters or digits for its slug")
-    clash = db.session.scalar(select(Organisation).where(
-        or_(Organisation.name == name, Organisation.slug == slug)))
-    if clash is not None:
-        fail(f"organisation {clash.name!r} (slug {clash.slug!r}) exists already")
-    org = Organisation(name=name, slug=slug, data_key=_check_key(key))
-    db.session.add(org)
-    _commit(f"organisation {name!r} exists already")
+    org = ops.create_org(name, key, actor=None)
+    _commit(f"organisation {name.strip()!r} exists already")
     click.echo(f"Created organisation {org.name} (id {org.id}, slug {org.slug}, key "
                f"{org.data_key_or_id}).")
 
@@ -217,9 +167,7 @@ def org_create(name: str, key: str) -> None:
 @migrated
 def org_list() -> None:
     """Every organisation: id, slug, name, key and number of users."""
-    users = (select(func.count(User.id)).where(User.org_id == Organisation.id)
-             .scalar_subquery())
-    rows = db.session.execute(select(Organisation, users).order_by(Organisation.id)).all()
+    rows = sorted(ops.users_per_org(), key=lambda row: row[0].id)
     _table(("id", "slug", "name", "key", "users"),
            [(o.id, o.slug, o.name, o.data_key_or_id, n) for o, n in rows],
            "No organisations yet: `flask org create NAME --key KEY`.")
@@ -232,16 +180,12 @@ def org_list() -> None:
 def org_set_key(slug: str, key: str) -> None:
     """Set the value of the tenant column on the organisation's rows."""
     org = find_org(slug)
-    org.data_key = _check_key(key, org)
+    ops.set_org_key(org, key, actor=None)
     _commit(f"could not set the key of {org.slug!r}")
     click.echo(f"{org.slug}: {org.data_key_or_id}")
 
 
 # flask user
-
-
-def _invited(user: User) -> bool:
-    return user.password_hash.startswith("!")
 
 
 @click.group("user", cls=AppGroup)
@@ -258,21 +202,14 @@ def user_group() -> None:
 @migrated
 def user_create(email: str, org_ref: str, role: str, password_prompt: bool) -> None:
     """Create the user EMAIL; prints a one-time invitation link unless --password-prompt."""
-    email = email.strip().lower()
-    if not EMAIL.fullmatch(email) or len(email) > 254:
-        fail(f"not an email address: {email!r}")
-    org, role = find_org(org_ref), _role(role)
-    if find_user(email) is not None:
-        fail(f"a user {email!r} exists already")
-    user = User(email=email, organisation=org, role=role)
-    if password_prompt:
-        user.set_password(click.prompt("Password", hide_input=True, confirmation_prompt=True,
-                                       value_proc=_password))
-    else:
-        # No password anyone knows ("!" is never a valid hash): the invitation sets one.
-        user.password_hash = "!" + secrets.token_hex(16)
-    db.session.add(user)
-    _commit(f"a user {email!r} exists already")
+    # Checked before the prompt, so a mistake is not found after typing a password twice.
+    ops.check_new_email(email)
+    org = find_org(org_ref)
+    ops.check_role(role)
+    password = (click.prompt("Password", hide_input=True, confirmation_prompt=True,
+                             value_proc=_password) if password_prompt else None)
+    user = ops.create_user(email, org, role, actor=None, password=password)
+    _commit(f"a user {user.email!r} exists already")
     click.echo(f"Created {user.email} ({role}) in {org.name} ({org.slug}).")
     if not password_prompt:
         days = current_app.config["INVITATION_TTL"].days
@@ -299,7 +236,7 @@ def user_list(org_ref: str | None) -> None:
     def state(user: User) -> str:
         if user.disabled_at:
             return f"disabled since {_when(user.disabled_at)}"
-        return "invited" if _invited(user) else "active"
+        return ops.state(user)
 
     _table(("id", "email", "org", "role", "state"),
            [(u.id, u.email, u.organisation.slug, u.role, state(u))
@@ -313,8 +250,8 @@ def user_list(org_ref: str | None) -> None:
 @migrated
 def user_set_role(email: str, role: str) -> None:
     """Change a user's role; it counts from their next request."""
-    user, role = _user(email), _role(role)
-    was, user.role = user.role, role
+    user = _user(email)
+    was = ops.set_role(user, role, actor=None)
     _commit(f"could not change the role of {user.email!r}")
     click.echo(f"{user.email}: {role} (was {was})")
 
@@ -323,12 +260,11 @@ def user_set_role(email: str, role: str) -> None:
 @click.argument("email")
 @migrated
 def user_disable(email: str) -> None:
-    """No more logging in; the session and API tokens stop at the next request. Jobs and
-    files stay."""
+    """No more logging in; open sessions end and API tokens stop at the next request. Jobs
+    and files stay."""
     user = _user(email)
-    if user.disabled_at is None:
-        user.disabled_at = utcnow()
-        _commit(f"could not disable {user.email!r}")
+    ops.disable(user, actor=None)
+    _commit(f"could not disable {user.email!r}")
     click.echo(f"{user.email}: disabled since {_when(user.disabled_at)}")
 
 
@@ -336,11 +272,24 @@ def user_disable(email: str) -> None:
 @click.argument("email")
 @migrated
 def user_enable(email: str) -> None:
-    """Undo `disable`: logging in, the session and the API tokens work again."""
+    """Undo `disable`: logging in and the API tokens work again."""
     user = _user(email)
-    user.disabled_at = None
+    ops.enable(user, actor=None)
     _commit(f"could not enable {user.email!r}")
     click.echo(f"{user.email}: enabled")
+
+
+@user_group.command("move")
+@click.argument("email")
+@click.argument("org_ref", metavar="SLUG_OR_KEY")
+@migrated
+def user_move(email: str, org_ref: str) -> None:
+    """Move a user to another organisation: they see its rows from their next request, and no
+    longer the jobs and files of the old one."""
+    user, org = _user(email), find_org(org_ref)
+    ops.move(user, org, actor=None)
+    _commit(f"could not move {user.email!r}")
+    click.echo(f"{user.email}: now in {org.name} ({org.slug})")
 
 
 # flask token
@@ -383,7 +332,7 @@ def token_list(email: str) -> None:
 @migrated
 def token_revoke(token_id: str) -> None:
     """Delete the token ID (from `flask token list`): it stops working at once."""
-    ident = _id(token_id)
+    ident = ops.row_id(token_id)
     token = db.session.get(ApiToken, ident) if ident is not None else None
     if token is None:
         fail(f"no API token with id {token_id!r}; see `flask token list EMAIL`")
