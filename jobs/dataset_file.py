@@ -33,7 +33,7 @@ from sqlalchemy import (
 from sqlalchemy.types import TypeEngine
 
 from jobs import source
-from jobs.datasets import KINDS, ROLES, Column, Dataset, Field
+from jobs.datasets import DEFAULT_FILENAME, KINDS, ROLES, Column, Dataset, Field
 
 DEMO_FILE = Path(__file__).with_name("demo_datasets.toml")
 NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")  # dataset and parameter names: safe in a URL
@@ -166,13 +166,14 @@ def _dataset(entry: dict, where: _Where) -> Dataset | None:
     max_rows = where.take(entry, "max_rows", int)
     if max_rows is not None and max_rows < 1:
         where("max_rows", "must be at least 1")
-    filename = where.take(entry, "filename", str, default="{dataset}-{org}-{date}")
+    filename = where.take(entry, "filename", str, default=DEFAULT_FILENAME)
     try:
-        stem = filename.format(dataset="d", org="o", date="2026-01-01")
+        stem = filename.format(dataset="d", org="o", date="2026-01-01", job=1)
         if not re.fullmatch(r"[A-Za-z0-9._-]{1,120}", stem):
-            where("filename", "may hold only letters, digits, . _ - and {dataset} {org} {date}")
+            where("filename", "may hold only letters, digits, . _ - and {dataset} {org} {date} "
+                  "{job}")
     except (KeyError, IndexError, ValueError):
-        where("filename", "may only use {dataset}, {org} and {date}")
+        where("filename", "may only use {dataset}, {org}, {date} and {job}")
     for field in (key, tenant, *(p.column for p in params)):
         if isinstance(field, str) and not IDENTIFIER.match(field):
             where("key", f"{field!r} is not a column name")

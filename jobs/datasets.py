@@ -24,6 +24,9 @@ from sqlalchemy import ColumnElement, FromClause, Select, func, select, true
 KINDS = ("int", "decimal", "text", "date", "datetime", "bool")
 FIELD_KINDS = ("date", "datetime", "number", "choice", "text", "bool")
 ROLES = ("user", "viewer", "admin")
+# The downloaded file's name, before its extension: {job} (the job id) keeps two exports of one
+# day apart (docs/datasets.md).
+DEFAULT_FILENAME = "{dataset}-{org}-{date}-{job}"
 
 
 class InvalidParams(ValueError):
@@ -171,7 +174,7 @@ class Dataset:
     roles: tuple[str, ...] = ROLES
     formats: tuple[str, ...] = ("csv", "csv.gz", "xlsx")
     max_rows: int | None = None
-    filename: str = "{dataset}-{org}-{date}"
+    filename: str = DEFAULT_FILENAME
     definition: dict = field(default_factory=dict, compare=False, repr=False)
 
     @cached_property

@@ -242,6 +242,21 @@ def _move(row: ExportJob | OutboundEmail, allowed: tuple[str, ...], **values) ->
     return bool(moved)
 
 
+# How a state reads after "Export #12 " or "Email 7 ", in refusals people read.
+STATE_WORDS = {
+    "queued": "is waiting to start", "running": "is running",
+    "retrying": "is waiting to be tried again", "sending": "is being sent",
+    "succeeded": "has already succeeded", "sent": "has already been sent",
+    "failed": "has already failed", "cancelled": "has already been cancelled",
+    "expired": "has expired",
+}
+
+
+def _is(state: str) -> str:
+    """A state as words ("has already succeeded", not "is succeeded")."""
+    return STATE_WORDS.get(state, f"is {state}")
+
+
 def cancel(job: ExportJob) -> None:
     """Cancel a queued, retrying or running job; the caller commits.
 
@@ -252,7 +267,7 @@ def cancel(job: ExportJob) -> None:
     job_id, waiting = job.id, job.state != JobState.RUNNING
     if not _move(job, CANCELLABLE, state=JobState.CANCELLED, finished_at=utcnow(),
                  checkpoint=None):
-        raise WrongState(f"Export #{job.id} is {job.state}: only queued or running exports "
+        raise WrongState(f"Export #{job.id} {_is(job.state)}: only queued or running exports "
                          "can be cancelled.")
     if waiting:  # no worker holds it: its part (kept for a retry) goes now
         on_commit(db.session(), lambda: _discard_parts(job_id))
@@ -268,7 +283,7 @@ def retry(job: ExportJob, from_scratch: bool = False) -> None:
     until it has stopped.
     """
     if job.state not in RETRYABLE:
-        raise WrongState(f"Export #{job.id} is {job.state}: only failed or cancelled exports "
+        raise WrongState(f"Export #{job.id} {_is(job.state)}: only failed or cancelled exports "
                          "can be retried.")
     if any(attempt.finished_at is None for attempt in job.attempts):
         raise WrongState(f"Export #{job.id} is still stopping; try again in a moment.")
@@ -279,7 +294,7 @@ def retry(job: ExportJob, from_scratch: bool = False) -> None:
     if from_scratch or part not in _parts(job.id):  # nothing to resume from: start over
         values.update(checkpoint=None, rows_done=0, bytes=0)
     if not _move(job, RETRYABLE, **values):
-        raise WrongState(f"Export #{job.id} is {job.state}: only failed or cancelled exports "
+        raise WrongState(f"Export #{job.id} {_is(job.state)}: only failed or cancelled exports "
                          "can be retried.")
     if from_scratch:  # no worker holds it (checked above): any part left is ours to remove
         job_id = job.id
@@ -305,7 +320,7 @@ def cancel_email(email: OutboundEmail) -> None:
     reach the server, the row says sent, which is then the truth.
     """
     if not _move(email, EmailState.CANCELLABLE, state=EmailState.CANCELLED):
-        raise WrongState(f"Email {email.id} is {email.state}: only queued, retrying or sending "
+        raise WrongState(f"Email {email.id} {_is(email.state)}: only queued, retrying or sending "
                          "emails can be cancelled.")
     log.info("email %s cancelled", email.id)
 
@@ -314,7 +329,7 @@ def retry_email(email: OutboundEmail) -> None:
     """Send a failed or cancelled email again, with a fresh allowance of attempts, once the
     caller commits."""
     if not _move(email, EmailState.RETRYABLE, state=EmailState.QUEUED, attempts=0, error=None):
-        raise WrongState(f"Email {email.id} is {email.state}: only failed or cancelled emails "
+        raise WrongState(f"Email {email.id} {_is(email.state)}: only failed or cancelled emails "
                          "can be retried.")
     send_email_after_commit(email)
     log.info("email %s retried", email.id)

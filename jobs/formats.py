@@ -69,6 +69,19 @@ XLSX_CELLS: dict[str, Callable[[str], object]] = {
 }
 
 
+# Column widths (characters) wide enough for a typical value of each kind; a longer header
+# widens its column. Set before any row: the sheet is written as it streams.
+XLSX_WIDTHS = {"int": 10, "decimal": 14, "date": 11, "datetime": 20, "bool": 7, "text": 24}
+XLSX_MAX_WIDTH = 60
+XLSX_FILTER_BUTTON = 3  # the auto-filter's drop-down covers the end of the header
+
+
+def xlsx_width(header_text: str, kind: str) -> int:
+    """A column's width: its kind's usual value, or the header and its filter button."""
+    return min(XLSX_MAX_WIDTH, max(XLSX_WIDTHS.get(kind, 12),
+                                   len(header_text) + XLSX_FILTER_BUTTON))
+
+
 class TooManyRows(ValueError):
     """The export does not fit the chosen format (xlsx holds about a million rows)."""
 
@@ -97,7 +110,7 @@ def stream(
         return _stream_xlsx(conn, dataset, org_key, params, out, on_checkpoint, batch_rows,
                             interval)
     if fmt not in RESUMABLE:
-        raise InvalidParams({"format": f"unknown format {fmt!r}"})
+        raise InvalidParams({"format": f"must be one of {', '.join(FORMATS)}."})
     position = Checkpoint(start.last_key, start.rows, replaced=start.replaced)
     gzip_member: list = []  # the open member's compressor, if any
 
@@ -154,8 +167,10 @@ def _stream_xlsx(conn: Connection, dataset: Dataset, org_key: str | None, params
         elif column.kind == "date":
             style = book.add_format({"num_format": "yyyy-mm-dd"})
         styles.append(style)
-        sheet.set_column(i, i, 19 if column.kind == "datetime" else 12)
-    sheet.write_row(0, 0, dataset.headers)
+        sheet.set_column(i, i, xlsx_width(dataset.headers[i], column.kind))
+    # A header people can work with: bold, always in view, with filter buttons.
+    sheet.write_row(0, 0, dataset.headers, book.add_format({"bold": True}))
+    sheet.freeze_panes(1, 0)
     kinds = [c.kind for c in dataset.columns]
     position = Checkpoint()
     last_checkpoint = time.monotonic()
@@ -183,6 +198,8 @@ def _stream_xlsx(conn: Connection, dataset: Dataset, org_key: str | None, params
                 last_checkpoint = time.monotonic()
     finally:
         reader.close()
+    # Over the header and every row (known only now: it is written at close, after the rows).
+    sheet.autofilter(0, 0, position.rows, len(dataset.columns) - 1)
     book.close()
     record_checkpoint(out, position, on_checkpoint, complete=True)
     return position

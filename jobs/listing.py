@@ -68,6 +68,18 @@ def _date(raw: str | None) -> date | None:
         return None
 
 
+def _moment(raw: str | None) -> datetime | None:
+    """An ISO 8601 instant (naive UTC, a trailing Z allowed), to the second."""
+    try:
+        moment = datetime.fromisoformat(raw.removesuffix("Z")) if raw else None
+    except ValueError:
+        return None
+    return moment.replace(tzinfo=None, microsecond=0) if moment else None
+
+
+KINDS = ("exports", "emails")  # the kind filter: export jobs only, emails only ("": both)
+
+
 @dataclass(frozen=True)
 class JobFilter:
     """What the list shows: unknown or malformed values are dropped, never an error."""
@@ -79,6 +91,8 @@ class JobFilter:
     date_from: date | None = None
     date_to: date | None = None
     q: str = ""
+    kind: str = ""
+    since: datetime | None = None  # created at or after this instant (the overview's links)
 
     @classmethod
     def from_args(cls, args: Mapping[str, str]) -> JobFilter:
@@ -95,7 +109,14 @@ class JobFilter:
             date_from=_date(args.get("date_from")),
             date_to=_date(args.get("date_to")),
             q=(args.get("q") or "").strip()[:200],
+            kind=pick("kind", KINDS),
+            since=_moment(args.get("since")),
         )
+
+    @property
+    def reversed(self) -> bool:
+        """A date range that ends before it starts: a mistake to point out, not "no job"."""
+        return bool(self.date_from and self.date_to and self.date_from > self.date_to)
 
     def args(self) -> dict[str, str]:
         """The filter as query arguments (only those set), for links and hidden fields."""
@@ -127,14 +148,19 @@ class JobFilter:
         a statement built from job_conditions() or email_conditions()."""
         days = {"range_start": self.date_from,
                 "range_end": self.date_to and self.date_to + timedelta(days=1)}
-        return {k: datetime.combine(day, datetime.min.time()) for k, day in days.items() if day}
+        bounds = {k: datetime.combine(day, datetime.min.time()) for k, day in days.items() if day}
+        if self.since:
+            bounds["range_start"] = max(bounds.get("range_start", self.since), self.since)
+        return bounds
 
     def _dates(self, table: Table) -> list:
         start, end = DATE_RANGE[table]
-        return (start if self.date_from else []) + (end if self.date_to else [])
+        return (start if self.date_from or self.since else []) + (end if self.date_to else [])
 
     def job_conditions(self) -> list | None:
         """WHERE clauses over export_jobs; None when no export job can match."""
+        if self.kind == "emails":
+            return None
         where: list = []
         if self.state:
             if self.state not in JOB_STATES:
@@ -159,7 +185,8 @@ class JobFilter:
 
         A parameter-value search matches no email: matching subjects would be a substring scan
         of every email, as slow as the JSON scan job_param_values replaced."""
-        if self.dataset or self.value or self.lane not in ("", "critical"):
+        if (self.dataset or self.value or self.lane not in ("", "critical")
+                or self.kind == "exports"):
             return None
         where: list = []
         if self.state:
@@ -190,16 +217,6 @@ class Row:
     done: str  # rows of an export, attempts of an email
     percent: float | None  # a running export's progress bar
     live: bool  # an active export's row refreshes itself
-
-    @property
-    def requested(self) -> str:
-        """When it was asked for, ISO 8601 (naive UTC)."""
-        return self.created_at.isoformat()
-
-    @property
-    def requested_text(self) -> str:
-        """The same to the second, as the list shows it."""
-        return self.requested[:19].replace("T", " ")
 
 
 # The list reads plain rows of the columns it shows (no ORM objects, no bodies or

@@ -242,11 +242,15 @@ class ExportJob(db.Model):
 
     def download_name(self) -> str:
         """What the browser saves the file as, from its dataset's `filename` pattern, e.g.
-        transactions-acme-2026-11-22.csv."""
+        transactions-acme-2026-11-22-42.csv. It always holds the job id (`-<id>` is added to
+        a pattern without `{job}`), so two exports of one day never overwrite each other in a
+        Downloads folder."""
         dataset = datasets.get(self.dataset)
-        pattern = dataset.filename if dataset else "{dataset}-{org}-{date}"
+        pattern = dataset.filename if dataset else datasets.DEFAULT_FILENAME
+        if "{job}" not in pattern:
+            pattern += "-{job}"
         stem = pattern.format(dataset=self.dataset, org=self.organisation.slug,
-                              date=self.created_at.date().isoformat())
+                              date=self.created_at.date().isoformat(), job=self.id)
         return f"{stem}.{self.format}"
 
 

@@ -252,6 +252,34 @@ class Stack:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
 
 
+# Browser pages and the Content-Security-Policy: Chromium reports what the policy refused (an
+# inline style or script, another site's file) on the console, with JavaScript on or off; the
+# init script also turns the page's `securitypolicyviolation` events into console errors.
+CSP_REPORTER = """document.addEventListener('securitypolicyviolation', (e) => console.error(
+  `Content Security Policy violation: ${e.violatedDirective} refused ${e.blockedURI}`));"""
+CSP_VIOLATIONS: list[str] = []
+
+
+def watch_csp(context) -> None:
+    """Record in CSP_VIOLATIONS every policy violation a page of this browser context meets:
+    the CSP must hold in the real browser, not only in the header."""
+    context.add_init_script(CSP_REPORTER)
+
+    def seen(message) -> None:
+        text = message.text
+        if "content security policy" in text.lower().replace("-", " "):
+            CSP_VIOLATIONS.append(f"{message.page.url if message.page else '?'}: {text}")
+
+    context.on("console", seen)
+
+
+def no_csp_violations() -> None:
+    """Fail with every violation recorded since the last call (and forget them)."""
+    seen = list(CSP_VIOLATIONS)
+    CSP_VIOLATIONS.clear()
+    assert not seen, "the Content-Security-Policy refused something:\n" + "\n".join(seen)
+
+
 STACKS = pytest.StashKey[list]()
 
 

@@ -67,7 +67,7 @@ def test_the_page_shows_who_you_are_and_needs_a_login(app):
     alice = login(app.test_client(), "alice@acme.test")
     page = alice.get("/account")
     html = page.get_data(as_text=True)
-    assert page.status_code == 200 and page.headers["Cache-Control"] == "no-store"
+    assert page.status_code == 200 and page.headers["Cache-Control"] == "private, no-store"
     assert re.search(r'id="account-email">alice@acme.test<', html)
     assert re.search(r'id="account-org">Acme<', html)
     assert re.search(r'id="account-role">user\b', html)
@@ -167,7 +167,7 @@ def token_id(app, token: str) -> int:
 def test_a_new_token_is_shown_once_stored_hashed_and_works_as_bearer(app):
     alice = login(app.test_client(), "alice@acme.test")
     response = create(alice, "  nightly report  ")
-    assert response.status_code == 200 and response.headers["Cache-Control"] == "no-store"
+    assert response.status_code == 200 and response.headers["Cache-Control"] == "private, no-store"
     token = new_token(response)
     html = response.get_data(as_text=True)
     assert "Copy it now: it will not be shown again." in html

@@ -46,6 +46,9 @@ def test_create_a_token_see_it_once_then_revoke_it(browser, stack_factory, shots
     shown.wait_for()
     token = shown.input_value()
     assert token.startswith("xd_") and len(token) > 40
+    shown.focus()  # selects it all for one copy (static/exportdesk.js: no inline handler)
+    assert page.evaluate("() => { const e = document.querySelector('#new-token');"
+                         " return e.selectionStart === 0 && e.selectionEnd === e.value.length; }")
     assert "it will not be shown again" in page.inner_text("#tokens")
     row = page.locator("#tokens tbody tr", has_text="browser script")
     assert row.locator(".last-used").inner_text() == "never"

@@ -212,8 +212,11 @@ def test_bulk_selected_and_everything_matching_after_confirmation(app, admin):
     day = datetime(2004, 6, 7, 9)
     queued = [make_job(app, created_at=day) for _ in range(3)]
     done = make_job(app, state=JobState.SUCCEEDED, created_at=day)
-    response = post(admin, "/admin/jobs/bulk", action="cancel",
-                    ids=[str(queued[0]), str(queued[1]), str(done), "junk"])
+    picked = [str(queued[0]), str(queued[1]), str(done), "junk"]
+    asked = post(admin, "/admin/jobs/bulk", action="cancel", ids=picked)
+    assert asked.status_code == 200 and 'id="confirm-yes"' in asked.text  # asks first
+    assert [state(app, j) for j in queued] == ["queued"] * 3
+    response = post(admin, "/admin/jobs/bulk", action="cancel", confirmed="1", ids=picked)
     assert response.status_code == 303
     assert [state(app, j) for j in queued] == ["cancelled", "cancelled", "queued"]
     assert state(app, done) == "succeeded"
@@ -401,8 +404,8 @@ def test_bulk_acts_on_selected_emails_and_on_emails_matching_the_filter(app, adm
     day = datetime(2003, 3, 4, 10)
     queued = [make_email(app, "alice@acme.test", day) for _ in range(2)]
     job_id = make_job(app, created_at=day)
-    response = post(admin, "/admin/jobs/bulk", action="cancel", ids=[str(job_id)],
-                    email_ids=[str(queued[0])])
+    response = post(admin, "/admin/jobs/bulk", action="cancel", confirmed="1",
+                    ids=[str(job_id)], email_ids=[str(queued[0])])
     flashed = admin.get(response.headers["Location"]).text
     assert "Cancelled 1 export(s) and 1 email(s)." in flashed
     assert email_row(app, queued[0]).state == EmailState.CANCELLED

@@ -1,5 +1,6 @@
 """The admin console in headless Chromium against `flask dev`: a running export's row shows
-live progress, then an admin cancels it from its page and retries it."""
+live progress, then an admin cancels it from its page (accepting the confirmation dialog) and
+retries it."""
 
 from __future__ import annotations
 
@@ -50,9 +51,12 @@ def test_admin_sees_live_progress_cancels_a_running_export_then_retries_it(
     sent: list[float] = []  # when the browser sent the cancel: the click, as the server sees it
     cancel_url = f"{stack.url}/admin/jobs/{job_id}/cancel"
     page.on("request", lambda r: r.url == cancel_url and sent.append(time.monotonic()))
+    dialogs: list[str] = []  # Cancel asks first: accept the dialog (htmx then posts)
+    page.once("dialog", lambda d: (dialogs.append(d.message), d.accept()))
     with page.expect_response(cancel_url, timeout=5_000) as answer:  # a lost click fails here
         page.click("#admin-cancel")
-    assert answer.value.status == 303, answer.value.status
+    assert answer.value.status == 200, answer.value.status  # htmx: HX-Redirect to the page
+    assert dialogs and dialogs[0].startswith(f"Cancel export #{job_id}?"), dialogs
     page.locator("h1 .badge", has_text="cancelled").wait_for(timeout=2_000)
     assert time.monotonic() - sent[0] < 2, "the cancel shows within 2 s of the click"
     job = wait_for(lambda: (j := job_row(stack, job_id))["attempts"][-1]["finished_at"] and j,
@@ -65,7 +69,7 @@ def test_admin_sees_live_progress_cancels_a_running_export_then_retries_it(
     wait_for(lambda: job_row(stack, job_id)["state"] == "running", what="the retry to run")
     audit = page.locator("#audit tbody tr")
     assert audit.count() == 2
-    assert "cancel" in audit.nth(0).inner_text() and "retry" in audit.nth(1).inner_text()
+    assert "cancelled" in audit.nth(0).inner_text() and "retried" in audit.nth(1).inner_text()
     snap(page, shots / "admin-job.png")
     page.goto("/admin/lanes")
     page.locator("#lane-exports svg").wait_for()

@@ -322,10 +322,12 @@ def test_the_audit_log_shows_each_action_with_who_and_when(app, admin, sending):
         ("admin@exportdesk.test", "user.enable", "peter@initech.test", "acme", ""),
     ]
     page = text(admin.get("/admin/people/"))
-    rows = re.findall(r"<tr><td>(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d)</td><td>([^<]+)</td>"
+    rows = re.findall(r'<tr><td><time datetime="[^"]+" title="[^"]+">'
+                      r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC)</time></td><td>([^<]+)</td>"
                       r"<td>([^<]+)</td>", page)
-    assert [r[2] for r in rows] == ["user.enable", "user.disable", "user.move", "user.role",
-                                    "user.invite", "org.create"], "newest first"
+    assert [r[2] for r in rows] == ["enabled", "disabled", "moved to another organisation",
+                                    "changed the role", "invited",
+                                    "created the organisation"], "newest first, in words"
     assert {r[1] for r in rows} == {"admin@exportdesk.test"}
     person = text(admin.get(f"/admin/people/users/{peter}"))
     assert person.count("peter@initech.test</a></td>") == 5, "their page: their actions"

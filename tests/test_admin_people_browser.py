@@ -95,7 +95,7 @@ def test_an_admin_invites_a_colleague_who_sets_a_password_and_logs_in(
     page.locator(".flash", has_text="carol@acme.test is disabled").wait_for()
     log = page.locator("#people-log tbody tr")
     assert log.count() == 2
-    assert "user.disable" in log.nth(0).inner_text() and "user.invite" in log.nth(1).inner_text()
+    assert "disabled" in log.nth(0).inner_text() and "invited" in log.nth(1).inner_text()
     assert "admin@exportdesk.test" in log.nth(0).inner_text()
     accessible(page)
     snap(page, shots / "admin-person.png")

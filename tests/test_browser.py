@@ -9,12 +9,17 @@ import csv
 import io
 import os
 import re
+import threading
 from datetime import datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
-from conftest import query, require, wait_for
+from conftest import CSP_VIOLATIONS, no_csp_violations, query, require, wait_for, watch_csp
 from expected import expected_rows
+
+from webapp.headers import CSP
 
 pytestmark = pytest.mark.integration
 
@@ -43,10 +48,13 @@ def browser():
 
 @pytest.fixture(autouse=True)
 def close_pages(browser):
-    """A test's pages close with it: none polls on against a stack that has stopped."""
+    """A test's pages close with it: none polls on against a stack that has stopped; then the
+    test fails if the Content-Security-Policy refused anything on any of them."""
+    CSP_VIOLATIONS.clear()  # none left from elsewhere
     yield
     for context in browser.contexts:
         context.close()
+    no_csp_violations()
 
 
 @pytest.fixture
@@ -66,9 +74,50 @@ def open_page(browser, stack, js: bool = True, width: int = 1024, height: int = 
     context = browser.new_context(base_url=stack.url, java_script_enabled=js,
                                   viewport={"width": width, "height": height},
                                   accept_downloads=True)
+    watch_csp(context)
     page = context.new_page()
     page.set_default_timeout(30_000)
     return page
+
+
+class _Refused(BaseHTTPRequestHandler):
+    """A page our Content-Security-Policy refuses: an inline style and an inline script."""
+
+    def do_GET(self) -> None:
+        body = (b"<!doctype html><title>refused</title><p style='color: red'>styled</p>"
+                b"<script>document.title = 'ran'</script>")
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html")
+        self.send_header("Content-Security-Policy", CSP)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize("js", [True, False])
+def test_the_csp_guard_sees_what_the_policy_refuses(browser, js):
+    """What makes every browser test fail on a violation does see one, JavaScript on or off."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Refused)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        page = open_page(browser, SimpleNamespace(url=f"http://127.0.0.1:{server.server_port}"),
+                         js=js)
+        page.goto("/")
+        wait_for(lambda: len(CSP_VIOLATIONS) >= (2 if js else 1) or page.title() == "ran",
+                 what="the violations", timeout=10)
+        assert page.title() == "refused", "the inline script must not run"
+        seen = "\n".join(CSP_VIOLATIONS)
+        assert "inline style" in seen
+        assert ("inline script" in seen) == js, seen
+        with pytest.raises(AssertionError, match="Content-Security-Policy refused"):
+            no_csp_violations()
+    finally:
+        CSP_VIOLATIONS.clear()
+        server.shutdown()
+        server.server_close()
 
 
 def log_in(page, email: str = "alice@acme.test", shot: Path | None = None) -> None:
@@ -158,7 +207,7 @@ def test_live_progress_then_download_link_without_reload(browser, stack_factory,
     want = expected_rows(stack.database_url, "transactions", "acme",
                          "and created_at < ?", ("2026-11-01",))
     name = link.inner_text()
-    assert re.fullmatch(r"Download transactions-acme-\d{4}-\d\d-\d\d\.csv", name)
+    assert re.fullmatch(r"Download transactions-acme-\d{4}-\d\d-\d\d-\d+\.csv", name)
     facts = page.inner_text(".file-facts")
     assert f"{len(want) - 1:,} rows" in facts and re.search(r"\d (kB|MB)", facts)
     snap(page, shots / "job-done.png")

@@ -68,7 +68,7 @@ def test_cancelling_twice_is_a_clear_409_page_fragment_and_json(app, alice):
     job_id = make_job(app, state=JobState.SUCCEEDED)
     response = post(alice, f"/exports/{job_id}/cancel")
     assert response.status_code == 409
-    assert "is succeeded: only queued or running exports can be cancelled" in response.text
+    assert "has already succeeded: only queued or running exports can be cancelled" in response.text
     response = post(alice, f"/exports/{job_id}/cancel", headers=HX, view="list")
     assert response.status_code == 409 and 'id="my-exports"' in response.text
     assert 'role="alert"' in response.text and "<html" not in response.text

@@ -9,6 +9,7 @@ import logging
 import os
 import subprocess
 import sys
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,38 @@ def test_downloads_carry_the_digest_as_etag_and_repr_digest(app, alice, route):
     assert head.status_code == 200 and head.data == b""
     assert head.headers["ETag"] == f'"{job.sha256}"'
     assert head.headers["Content-Length"] == str(len(body))
+
+
+@pytest.mark.parametrize("route", ["page", "link"])
+def test_downloads_answer_ranges_head_and_if_modified_since(app, alice, route):
+    job = published(app)
+    url = download_url(app, job, route)
+    whole = alice.get(url)
+    body, size = whole.data, len(whole.data)
+    assert size > 300 and whole.headers["Content-Length"] == str(size)
+    assert whole.headers["Cache-Control"] == "private, no-store"
+    for asked, want, first, last in (("bytes=0-99", body[:100], 0, 99),
+                                     ("bytes=-100", body[-100:], size - 100, size - 1),
+                                     ("bytes=150-249", body[150:250], 150, 249)):
+        part = alice.get(url, headers={"Range": asked})
+        assert part.status_code == 206 and part.data == want, asked
+        assert part.headers["Content-Range"] == f"bytes {first}-{last}/{size}", asked
+        assert part.headers["Content-Length"] == str(len(want)), asked
+    beyond = alice.get(url, headers={"Range": f"bytes={size}-{size + 99}"})
+    assert beyond.status_code == 416 and beyond.headers["Content-Range"] == f"bytes */{size}"
+
+    head = alice.head(url)
+    assert head.status_code == 200 and head.data == b""
+    assert head.headers["Content-Length"] == str(size)
+
+    modified = whole.headers["Last-Modified"]  # when the job published the file
+    assert parsedate_to_datetime(modified).replace(tzinfo=None) == job.finished_at.replace(
+        microsecond=0)
+    same = alice.get(url, headers={"If-Modified-Since": modified})
+    assert same.status_code == 304 and same.data == b""
+    older = alice.get(url, headers={"If-Modified-Since": "Mon, 01 Jan 2001 00:00:00 GMT"})
+    assert older.status_code == 200 and older.data == body
+    assert alice.get(url, headers={"If-None-Match": f'"{job.sha256}"'}).status_code == 304
 
 
 @pytest.mark.parametrize("route", ["page", "link"])

@@ -84,7 +84,7 @@ def test_click_export_watch_progress_download_matches_sql(stack_factory):
 
     download = web.get(job_url + "/download")
     assert download.status_code == 200
-    assert re.fullmatch(r'attachment; filename=transactions-acme-\d{4}-\d\d-\d\d\.csv',
+    assert re.fullmatch(r'attachment; filename=transactions-acme-\d{4}-\d\d-\d\d-\d+\.csv',
                         download.headers["Content-Disposition"])
     rows = list(csv.reader(io.StringIO(download.content.decode("utf-8"), newline="")))
     want = expected_rows(stack.database_url, "transactions", "acme",

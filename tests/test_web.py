@@ -91,7 +91,7 @@ def test_submit_records_job_scoped_to_org_and_redirects(app, alice):
         ({"date_from": "yesterday"}, "must be a date"),
         ({"date_from": "2026-05-01", "date_to": "2026-04-01"}, "must not be before"),
         ({"status": "stolen"}, "must be one of"),
-        ({"format": "exe"}, "unknown format"),
+        ({"format": "exe"}, "Format must be one of csv, csv.gz, xlsx."),
         ({"org_id": "2"}, "is not a parameter"),
     ],
 )

@@ -25,8 +25,10 @@ from webapp import (
     config,
     emails,
     exports,
+    headers,
     links,
     ops,
+    views,
 )
 from webapp.extensions import csrf, login_manager, migrate
 
@@ -75,7 +77,7 @@ def create_app(test_config: dict | None = None) -> Flask:
         template_folder=str(ROOT / "templates"),
         static_folder=str(ROOT / "static"),
     )
-    app.config.from_mapping(config.load())
+    app.config.from_mapping(config.load_or_exit())
     if test_config:
         app.config.from_mapping(test_config)
     app.session_interface = _Sessions()
@@ -103,6 +105,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(ops.bp)
     cli.init_app(app)
     _register_error_pages(app)
+    headers.init_app(app)
     return app
 
 
@@ -121,7 +124,7 @@ def _register_error_pages(app: Flask) -> None:
 
     @app.errorhandler(HTTPException)
     def http_error(exc: HTTPException):
-        return _error(exc.code or 500, exc.description or exc.name)
+        return _error(exc.code or 500, views.http_message(exc))
 
     @app.errorhandler(Exception)
     def server_error(exc: Exception):

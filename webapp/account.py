@@ -26,13 +26,6 @@ def _logged_in() -> None:
         abort(403, "Your account page needs you logged in, not an API token.")
 
 
-@bp.after_request
-def _no_store(response):
-    """A new token is on the page once: keep it out of caches and the back button."""
-    response.headers["Cache-Control"] = "no-store"
-    return response
-
-
 class PasswordForm(NewPasswordForm):
     """The reset form's rules for the new password, and the current one to prove it is you."""
 

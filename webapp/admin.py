@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 
 from flask import Blueprint, abort, current_app, flash, redirect, request, url_for
 from flask_login import current_user, login_required
 from sqlalchemy import Column, select
 
-from jobs import datasets, dispatch, listing, retention
+from jobs import datasets, dispatch, listing, overview, retention
 from jobs.lanes import LANES
 from jobs.listing import STATES, Cursor, JobFilter
-from jobs.models import AdminAction, ExportJob, OutboundEmail, db
+from jobs.models import AdminAction, ExportJob, OutboundEmail, db, utcnow
 from jobs.storage import storage
-from webapp import views
+from webapp import admin_text, charts, views
 
 bp = Blueprint("admin", __name__, url_prefix="/admin")
+bp.record_once(lambda state: admin_text.init_app(state.app))
 PAST = {"cancel": "cancelled", "retry": "retried"}  # what a flash message says was done
 
 
@@ -56,17 +58,65 @@ def _render(template: str, status: int = 200, **context):
 @bp.get("/")
 @staff_required
 def home():
-    return redirect(url_for("admin.jobs"))
+    """The overview: how many exports and emails are in each state (each a link to the list
+    showing them), the lanes' health and the last hour per minute."""
+    health = dispatch.lane_health()
+    counts = overview.overview(utcnow())
+    return _render("admin/overview.html", counts=counts, health=health,
+                   sla=current_app.config["CRITICAL_SLA_SECONDS"],
+                   chart=charts.minute_chart(charts.combined(health)),
+                   buckets=[b[0] for b in overview.BUCKETS])
+
+
+# The list's tabs: by kind, and by state (which states depends on the kind shown).
+KIND_TABS = (("", "Both"), ("exports", "Exports"), ("emails", "Emails"))
+STATE_TABS = {"exports": ("queued", "running", "retrying", "failed", "succeeded", "cancelled"),
+              "emails": ("queued", "sending", "retrying", "failed", "sent", "cancelled"),
+              "": ("queued", "running", "sending", "retrying", "failed", "succeeded", "sent",
+                   "cancelled")}
+
+
+def _tabs(where: JobFilter) -> tuple[list, list]:
+    """(label, query arguments, current) per kind tab, and (label, count, query arguments,
+    current) per state tab: each keeps the other filters; counts are one grouped COUNT."""
+    counts = overview.state_counts(replace(where, state=""))
+    kinds = [(label, replace(where, kind=kind).args(), where.kind == kind)
+             for kind, label in KIND_TABS]
+    states = [("All", sum(counts.values()), replace(where, state="").args(), not where.state)]
+    states += [(state.capitalize(), counts.get(state, 0), replace(where, state=state).args(),
+                where.state == state) for state in STATE_TABS[where.kind]]
+    return kinds, states
 
 
 @bp.get("/jobs")
 @staff_required
 def jobs():
     where = JobFilter.from_args(request.args)
-    rows, after = listing.page_of_rows(where, Cursor.parse(request.args.get("after")))
-    return _render("admin/jobs.html", rows=rows, where=where, args=where.args(), after=after,
-                   paged=bool(request.args.get("after")), states=STATES,
-                   lanes=LANES, datasets=datasets.registry())
+    date_error = ("The end date is before the start date: swap them, or clear one."
+                  if where.reversed else "")
+    rows, after = ([], None) if date_error else listing.page_of_rows(
+        where, Cursor.parse(request.args.get("after")))
+    kind_tabs, state_tabs = _tabs(where)
+    return _render("admin/jobs.html", 400 if date_error else 200, rows=rows, where=where,
+                   args=where.args(), after=after, paged=bool(request.args.get("after")),
+                   states=STATES, lanes=LANES, datasets=datasets.registry(),
+                   kind_tabs=kind_tabs, state_tabs=state_tabs, date_error=date_error)
+
+
+def _back(url: str):
+    """After an action: a 303 to the page, or for htmx (a confirmed dialog's POST) an
+    HX-Redirect, so the whole page shows again with its flashed message."""
+    if views.is_htmx():
+        return "", 200, {"HX-Redirect": url}
+    return redirect(url, code=303)
+
+
+def _confirm(question: str, explanation: str, action: str, yes: str, back: str,
+             fields: list[tuple[str, str]] | None = None):
+    """The confirmation step of a destructive action without JavaScript (with it, htmx asks
+    in a dialog and posts at once): a page whose form does the POST."""
+    return _render("admin/confirm.html", question=question, explanation=explanation,
+                   action=action, yes=yes, back=back, fields=fields or [])
 
 
 def _found(model: type, row_id: int):
@@ -165,9 +215,40 @@ def _change(kind: str, row_id: int, action: str):
     reason = views.job_action(row, apply, action,
                               from_scratch=request.form.get("from_scratch") == "1")
     if reason is not None:
+        if views.is_htmx():
+            flash(reason, "error")
+            return _back(url_for(page, **{f"{kind}_id": row_id}))
         return views.refused(reason)
     flash(f"{name.format(row_id)} {PAST[action]}.", "info")
-    return redirect(url_for(page, **{f"{kind}_id": row_id}), code=303)
+    return _back(url_for(page, **{f"{kind}_id": row_id}))
+
+
+CANCEL_WHY = {"job": "A waiting export is cancelled at once; a running one stops at its next "
+                     "checkpoint and its rows so far are discarded.",
+              "email": "A waiting email is not sent; an attempt already under way cannot be "
+                       "interrupted."}
+
+
+def _confirm_cancel(kind: str, row_id: int):
+    model, _, name, page = TARGETS[kind]
+    _found(model, row_id)
+    what = name.format(row_id)
+    return _confirm(f"Cancel {what[0].lower() + what[1:]}?", CANCEL_WHY[kind],
+                    url_for(f"admin.change{'' if kind == 'job' else '_email'}",
+                            action="cancel", **{f"{kind}_id": row_id}),
+                    "Yes, cancel it", url_for(page, **{f"{kind}_id": row_id}))
+
+
+@bp.get("/jobs/<int:job_id>/cancel")
+@admin_required
+def confirm_cancel(job_id: int):
+    return _confirm_cancel("job", job_id)
+
+
+@bp.get("/emails/<int:email_id>/cancel")
+@admin_required
+def confirm_cancel_email(email_id: int):
+    return _confirm_cancel("email", email_id)
 
 
 @bp.post("/jobs/<int:job_id>/<any(cancel, retry):action>")
@@ -208,8 +289,17 @@ def bulk():
     if form.get("scope") == "filter":
         chunks: Iterator[tuple[str, list[int]]] = listing.matching_ids(where, action)
     else:
-        chunks = iter([(kind, [int(i) for i in form.getlist(field) if i.isdigit()][:1000])
-                       for kind, field in (("job", "ids"), ("email", "email_ids"))])
+        picked = [(kind, [int(i) for i in form.getlist(field) if i.isdigit()][:1000])
+                  for kind, field in (("job", "ids"), ("email", "email_ids"))]
+        if not any(ids for _, ids in picked):
+            message = "Select at least one export or email first: tick its box in the list."
+            if views.is_htmx():  # htmx swaps no 400: say it on the list instead
+                flash(message, "error")
+                return _back(url_for("admin.jobs", **where.args()))
+            return views.refused(message, 400)
+        if action == "cancel" and form.get("confirmed") != "1":
+            return _confirm_selected(where, picked)
+        chunks = iter(picked)
     done, skipped = {"job": 0, "email": 0}, []
     for kind, chunk in chunks:
         model, apply, name, _ = TARGETS[kind]
@@ -230,15 +320,41 @@ def bulk():
         shown = ", ".join(skipped[:10])
         message += f" Skipped {len(skipped)} not in a state for it ({shown})."
     flash(message, "info")
-    return redirect(url_for("admin.jobs", **where.args()), code=303)
+    return _back(url_for("admin.jobs", **where.args()))
+
+
+def _confirm_selected(where: JobFilter, picked: list[tuple[str, list[int]]]):
+    """Before cancelling the ticked rows without JavaScript: say which, then post again."""
+    jobs, emails = (ids for _, ids in picked)
+    what = ", ".join([f"export #{i}" for i in jobs] + [f"email {i}" for i in emails])
+    fields = [("action", "cancel"), ("confirmed", "1"), *[("ids", str(i)) for i in jobs],
+              *[("email_ids", str(i)) for i in emails], *where.args().items()]
+    return _confirm(f"Cancel {len(jobs)} export(s) and {len(emails)} email(s)?",
+                    f"{what[0].upper()}{what[1:]}: waiting ones are cancelled at once, running "
+                    "exports stop at their next checkpoint.", url_for("admin.bulk"),
+                    f"Yes, cancel {len(jobs) + len(emails)}",
+                    url_for("admin.jobs", **where.args()), fields)
 
 
 @bp.get("/lanes")
 @staff_required
 def lanes():
     template = "admin/_lanes.html" if views.is_htmx() else "admin/lanes.html"
-    return _render(template, health=dispatch.lane_health(), disk=retention.disk(),
-                   sla=current_app.config["CRITICAL_SLA_SECONDS"])
+    health = dispatch.lane_health()
+    return _render(template, health=health, disk=retention.disk(),
+                   sla=current_app.config["CRITICAL_SLA_SECONDS"],
+                   charts={h["lane"]: charts.minute_chart(h["minutes"]) for h in health})
+
+
+@bp.get("/lanes/<name>/pause")
+@admin_required
+def confirm_pause(name: str):
+    if name not in LANES:
+        abort(404)
+    return _confirm(f"Pause the {name} lane?", "Its consumers take nothing new until it is "
+                    "resumed: running tasks finish, queued work waits.",
+                    url_for("admin.lane_action", name=name, action="pause"),
+                    f"Yes, pause {name}", url_for("admin.lanes"))
 
 
 @bp.post("/lanes/<name>/<any(pause, resume):action>")
@@ -250,4 +366,4 @@ def lane_action(name: str, action: str):
     audit(action, lane=name)
     db.session.commit()
     flash(f"Lane {name} {action}d.", "info")
-    return redirect(url_for("admin.lanes"), code=303)
+    return _back(url_for("admin.lanes"))

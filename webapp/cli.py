@@ -78,6 +78,10 @@ def worker_command(lane_name: str) -> None:
 def export_command(dataset_name: str, email: str, params: tuple[str, ...], fmt: str,
                    output: str) -> None:
     """Run an export inline with the same engine, scoped to the user's organisation."""
+    folder = Path(output).resolve().parent
+    if not folder.is_dir():  # said before any work, rather than a FileNotFoundError after it
+        raise click.ClickException(f"the folder {folder} does not exist: create it, or choose "
+                                   "another --output")
     user = find_user(email)
     if user is None:
         raise click.UsageError(f"no user {email!r}")
@@ -160,6 +164,7 @@ def verify_command(job_ids: tuple[int, ...]) -> None:
 @click.option("--port", envvar="PORT", default=5000, show_default=True)
 def dev_command(port: int) -> None:
     """Run the web app and one consumer per lane together; Ctrl-C stops them all."""
+    os.environ["PORT"] = str(port)  # all three read it: BASE_URL, when unset, follows it
     flask = [sys.executable, "-m", "flask"]
     root = Path(__file__).resolve().parent.parent
     sys.exit(run_together(

@@ -10,6 +10,11 @@ from pathlib import Path
 from flask import Flask
 
 ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PORT = 5000
+
+
+class ConfigError(RuntimeError):
+    """A setting the app cannot start without; `load_or_exit` shows it as one line."""
 
 
 def instance_path() -> Path:
@@ -24,7 +29,7 @@ def _secret_key(instance: Path, production: bool) -> str | None:
     if key:
         return key
     if production:
-        raise RuntimeError("SECRET_KEY must be set when EXPORTDESK_ENV=production")
+        raise ConfigError("SECRET_KEY must be set when EXPORTDESK_ENV=production")
     path = instance / "secret_key"
     return path.read_text().strip() if path.exists() else None
 
@@ -64,8 +69,29 @@ def _fault_injection(production: bool) -> str:
     production."""
     step = os.environ.get("FAULT_INJECT", "")
     if step and production:
-        raise RuntimeError("FAULT_INJECT is for tests; unset it when EXPORTDESK_ENV=production")
+        raise ConfigError("FAULT_INJECT is for tests; unset it when EXPORTDESK_ENV=production")
     return step
+
+
+def _base_url(production: bool) -> str:
+    """BASE_URL, the site address in emailed links; in development, when unset, the address
+    `flask dev` serves (PORT), so links work after `PORT=8000 make dev`. Production must say
+    it: a guess there would email links nobody can open."""
+    url = os.environ.get("BASE_URL", "").strip()
+    if url:
+        return url.rstrip("/")
+    if production:
+        raise ConfigError("BASE_URL must be set when EXPORTDESK_ENV=production (the site "
+                          "address in emailed links, e.g. https://exports.example.com)")
+    return f"http://127.0.0.1:{os.environ.get('PORT') or DEFAULT_PORT}"
+
+
+def load_or_exit() -> dict:
+    """`load`, but a missing or refused setting stops start-up with one line, no traceback."""
+    try:
+        return load()
+    except ConfigError as exc:
+        raise SystemExit(f"exportdesk cannot start: {exc}") from None
 
 
 def load() -> dict:
@@ -100,7 +126,7 @@ def load() -> dict:
         "CRITICAL_SLA_SECONDS": _seconds("CRITICAL_SLA_SECONDS", 5),
         "SMTP_URL": os.environ.get("SMTP_URL", ""),
         "MAIL_FROM": os.environ.get("MAIL_FROM", "exportdesk <exportdesk@localhost>"),
-        "BASE_URL": os.environ.get("BASE_URL", "http://127.0.0.1:5000").rstrip("/"),
+        "BASE_URL": _base_url(production),
         "DOWNLOAD_LINK_TTL": timedelta(seconds=_seconds("DOWNLOAD_LINK_TTL", 7 * 86400)),
         "DOWNLOAD_LINK_LOGIN": _flag("DOWNLOAD_LINK_LOGIN", False),
         "EXPORT_FAILURE_EMAIL": _flag("EXPORT_FAILURE_EMAIL", True),

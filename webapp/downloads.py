@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import base64
+from datetime import UTC
 
-from flask import Response, abort, request, send_file
+from flask import Response, abort, make_response, request, send_file
 from werkzeug.exceptions import RequestedRangeNotSatisfiable
 
 from jobs.formats import MIME_TYPES
 from jobs.models import ExportJob
 from jobs.storage import storage
+from webapp.views import refused
 
 
 def repr_digest(sha256_hex: str) -> str:
@@ -22,9 +24,10 @@ def send_export(job: ExportJob) -> Response:
     downloaded).
 
     Its recorded SHA-256 is the strong ETag (`"<hex>"`) and the Repr-Digest, so a client can
-    check what it received; Content-Length is the file's size, so Range (206, also with
-    If-Range) and If-None-Match (304) are answered; HEAD sends the headers alone. A job with
-    no recorded digest (older rows) is served without either header.
+    check what it received; Last-Modified is when the job published it; Content-Length is the
+    file's size, so Range (206, also with If-Range), If-None-Match and If-Modified-Since (304)
+    are answered; HEAD sends the headers alone. A job with no recorded digest (older rows) is
+    served without either header.
     """
     files = storage()
     try:
@@ -36,10 +39,14 @@ def send_export(job: ExportJob) -> Response:
                          as_attachment=True, download_name=job.download_name(), max_age=0,
                          etag=job.sha256 or False, conditional=False)
     response.content_length = size
+    if job.finished_at:  # when the file was published: If-Modified-Since can answer 304
+        response.last_modified = job.finished_at.replace(tzinfo=UTC)
     if job.sha256:
         response.headers["Repr-Digest"] = repr_digest(job.sha256)
     try:
         return response.make_conditional(request, accept_ranges=True, complete_length=size)
-    except RequestedRangeNotSatisfiable:
+    except RequestedRangeNotSatisfiable:  # 416 says how long the file is (RFC 9110 15.5.17)
         response.close()
-        raise
+        answer = make_response(refused("The range asked for is not in the file.", 416))
+        answer.headers["Content-Range"] = f"bytes */{size}"
+        return answer

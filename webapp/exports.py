@@ -26,7 +26,7 @@ from jobs.formats import FORMATS
 from jobs.models import ExportJob, JobState, User, db, locked, utcnow
 from jobs.storage import storage
 from webapp.downloads import send_export
-from webapp.views import is_htmx, job_action, refused, render
+from webapp.views import is_htmx, iso_time, job_action, refused, render
 
 bp = Blueprint("exports", __name__)
 
@@ -61,7 +61,7 @@ def request_export(user: User, dataset_name: object, fmt: object, params: object
                                         f"{', '.join(sorted(visible(user)))}"})
     errors = {}
     if fmt not in dataset.formats:
-        errors["format"] = f"unknown format; choose one of {', '.join(dataset.formats)}"
+        errors["format"] = format_error(dataset)
     if params is not None and not isinstance(params, dict):
         errors["params"] = "must be an object of parameter names to values"
         params = {}
@@ -144,6 +144,11 @@ def job_for(user: User, job_id: int, change: bool = False) -> ExportJob:
     return job
 
 
+def format_error(dataset: Dataset) -> str:
+    """The format field's error; the form shows it after the word "Format", as a sentence."""
+    return f"must be one of {', '.join(dataset.formats)}."
+
+
 @bp.app_template_global("may_change")
 def _may_change(job: ExportJob) -> bool:
     return may_change(current_user, job)
@@ -178,6 +183,9 @@ def tab_title(job: ExportJob) -> str:
     else:
         head = "Ready" if job.state == JobState.SUCCEEDED else job.state.capitalize()
     return f"{head} · Export #{job.id}"
+
+
+bp.add_app_template_filter(iso_time, "iso_time")  # <time datetime="{{ at|iso_time }}">
 
 
 @bp.app_template_filter("duration")
@@ -260,7 +268,7 @@ def check():
         abort(404)
     errors: dict[str, str] = {}
     if request.form.get("format", "csv") not in dataset.formats:
-        errors["format"] = f"unknown format; choose one of {', '.join(dataset.formats)}"
+        errors["format"] = format_error(dataset)
     try:
         dataset.clean_params(_form_params())
     except InvalidParams as exc:

@@ -45,14 +45,6 @@ bp = Blueprint("links", __name__)
 TAMPERED = "This download link is not valid: it may have been cut short or changed."
 
 
-@bp.after_request
-def no_referrer(response):
-    """These URLs carry tokens: keep them out of Referer headers and shared caches."""
-    response.headers["Referrer-Policy"] = "no-referrer"
-    response.headers["Cache-Control"] = "no-store"
-    return response
-
-
 def _granted_job(token: str) -> tuple[DownloadGrant, ExportJob]:
     """The job a genuine link names, still owned by the user it was issued to; 403 otherwise."""
     try:

@@ -1,8 +1,8 @@
-"""For load balancers and Prometheus: /healthz and /metrics."""
+"""For load balancers, Prometheus and browsers: /healthz, /metrics and /favicon.ico."""
 
 from __future__ import annotations
 
-from flask import Blueprint, Response, jsonify
+from flask import Blueprint, Response, jsonify, redirect, url_for
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import (
     CounterMetricFamily,
@@ -17,6 +17,13 @@ from jobs.models import ExportJob, JobAttempt, db
 bp = Blueprint("ops", __name__)
 # Upper bounds (seconds) of the attempt duration histogram: emails to long exports.
 BUCKETS = (1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 1800.0, 3600.0)
+
+
+@bp.get("/favicon.ico")
+def favicon():
+    """Browsers and tools ask for /favicon.ico whatever the page links: send them to the icon,
+    rather than log a 404 for every page."""
+    return redirect(url_for("static", filename="favicon.svg"), 301)
 
 
 @bp.get("/healthz")
