@@ -21,6 +21,7 @@ from jobs.models import (
     JobState,
     OutboundEmail,
     db,
+    locked,
     utcnow,
 )
 from jobs.storage import storage
@@ -114,17 +115,15 @@ def reconcile(grace: float) -> list[int]:
     )
     db.session.commit()
     # Cancelled while running, its worker died before it could stop: end it as the worker would.
+    # Retried meanwhile (queued again), the same: the new attempt waits for this one's end.
     stopped = _ids(select(ExportJob.id).where(
-        ExportJob.state == JobState.CANCELLED, ExportJob.lease_expires_at < now,
+        ExportJob.state != JobState.RUNNING, ExportJob.lease_expires_at < now,
         ExportJob.attempts.any(JobAttempt.finished_at.is_(None))))
     for job_id in stopped:
-        db.session.execute(
-            update(JobAttempt)
-            .where(JobAttempt.job_id == job_id, JobAttempt.finished_at.is_(None))
-            .values(outcome="cancelled", finished_at=now,
-                    error="the worker stopped responding (its lease lapsed)"))
+        job = locked(ExportJob, job_id)
+        if job is not None and job.lease_expires_at is not None and job.lease_expires_at < now:
+            end_stopped_attempt(job, "the worker stopped responding (its lease lapsed)")
         db.session.commit()
-        _discard_parts(job_id)
     cutoff = now - timedelta(seconds=grace)
     waiting = ExportJob.state.in_((JobState.QUEUED, JobState.RETRYING))
     unsent = _ids(select(ExportJob.id).where(waiting, ExportJob.enqueued_at.is_(None),
@@ -264,7 +263,8 @@ def cancel(job: ExportJob) -> None:
     because it only claims queued or retrying jobs (Huey cannot revoke a message by job id).
     A running job stops cooperatively at its next checkpoint, removing its part file.
     """
-    job_id, waiting = job.id, job.state != JobState.RUNNING
+    # A job retried while its cancelled attempt still stops is queued, yet that worker writes.
+    job_id, waiting = job.id, job.state != JobState.RUNNING and not stopping(job)
     if not _move(job, CANCELLABLE, state=JobState.CANCELLED, finished_at=utcnow(),
                  checkpoint=None):
         raise WrongState(f"Export #{job.id} {_is(job.state)}: only queued or running exports "
@@ -279,28 +279,55 @@ def retry(job: ExportJob, from_scratch: bool = False) -> None:
 
     It resumes from its checkpoint when a part verified against it is still there (the engine
     checks, and starts over otherwise); `from_scratch` starts over anyway.
-    A cancelled job whose worker has not yet reached a checkpoint is still writing: refuse
-    until it has stopped.
+    A job cancelled while running whose worker has not reached a checkpoint yet is still
+    writing: the retry is accepted all the same, but the job keeps that worker's claim and
+    lease, so the worker still sees its cancel (and removes its part) at its next checkpoint,
+    and the engine claims the job for a new attempt only once that attempt has ended (or its
+    lease lapsed): a new attempt never writes while the old one still runs.
     """
     if job.state not in RETRYABLE:
         raise WrongState(f"Export #{job.id} {_is(job.state)}: only failed or cancelled exports "
                          "can be retried.")
-    if any(attempt.finished_at is None for attempt in job.attempts):
-        raise WrongState(f"Export #{job.id} is still stopping; try again in a moment.")
+    still_stopping = stopping(job)
     # started_at marks the restart: the engine counts attempts from here (a fresh allowance).
     values: dict = dict(state=JobState.QUEUED, error=None, started_at=utcnow(), finished_at=None,
-                        claimed_by=None, lease_expires_at=None, enqueued_at=None)
+                        enqueued_at=None)
+    if not still_stopping:
+        values.update(claimed_by=None, lease_expires_at=None)
     part = (job.checkpoint or {}).get("part")
     if from_scratch or part not in _parts(job.id):  # nothing to resume from: start over
         values.update(checkpoint=None, rows_done=0, bytes=0)
     if not _move(job, RETRYABLE, **values):
         raise WrongState(f"Export #{job.id} {_is(job.state)}: only failed or cancelled exports "
                          "can be retried.")
-    if from_scratch:  # no worker holds it (checked above): any part left is ours to remove
+    if from_scratch and not still_stopping:  # no worker holds it: its parts are ours to remove
         job_id = job.id
         on_commit(db.session(), lambda: _discard_parts(job_id))
     submit(job)
     log.info("job %s retried from row %s", job.id, job.rows_done)
+
+
+def stopping(job: ExportJob) -> bool:
+    """Whether an attempt of this (cancelled, or cancelled then retried) job has not ended yet:
+    its worker may still write its part until its next checkpoint."""
+    return job.state != JobState.RUNNING and any(
+        attempt.finished_at is None for attempt in job.attempts)
+
+
+def end_stopped_attempt(job: ExportJob, error: str) -> None:
+    """End, as cancelled, the attempt of a cancelled (maybe since retried) job whose worker is
+    gone or past its lease, and remove its parts, as that worker would have. The caller holds
+    the job's row lock (`locked`) and commits: a new attempt, which claims under the same
+    lock, cannot have opened a part of its own in between."""
+    if not stopping(job):
+        return
+    db.session.execute(
+        update(JobAttempt)
+        .where(JobAttempt.job_id == job.id, JobAttempt.finished_at.is_(None))
+        .values(outcome="cancelled", finished_at=utcnow(), error=error)
+        .execution_options(synchronize_session=False))
+    db.session.expire(job, ["attempts"])
+    _discard_parts(job.id)
 
 
 def _parts(job_id: int) -> list[str]:

@@ -79,6 +79,11 @@ def _claim(job_id: int, max_attempts: int) -> tuple[ExportJob, JobAttempt] | Non
     if job is None or job.state not in JobState.ACTIVE or live_claim:
         db.session.rollback()
         return None
+    if dispatch.stopping(job):  # retried while its cancelled attempt still stops
+        if job.lease_expires_at is not None and job.lease_expires_at > now:
+            db.session.rollback()
+            raise Deferred  # that worker still writes its part: look again shortly
+        dispatch.end_stopped_attempt(job, "the worker stopped responding (its lease lapsed)")
     locked(User, job.user_id)
     running = db.session.scalar(
         select(func.count()).select_from(ExportJob).where(
@@ -131,9 +136,12 @@ def _save(job_id: int, claim: str, commit: bool = True, **values) -> None:
         if commit:
             db.session.commit()
         return
-    state = db.session.scalar(select(ExportJob.state).where(ExportJob.id == job_id))
+    state, holder = db.session.execute(
+        select(ExportJob.state, ExportJob.claimed_by).where(ExportJob.id == job_id)).one()
     db.session.rollback()
-    raise Cancelled if state == JobState.CANCELLED else LostClaim
+    # Still our claim but no longer running: cancelled, maybe retried since (dispatch.retry
+    # leaves the claim to the attempt that has to stop).
+    raise Cancelled if state == JobState.CANCELLED or holder == claim else LostClaim
 
 
 class _Heartbeat(threading.Thread):
@@ -208,6 +216,11 @@ def run(job_id: int, max_attempts: int) -> None:
         attempt.outcome = "succeeded"
     except Cancelled:
         db.session.rollback()
+        locked(ExportJob, job_id)  # a retry's new attempt claims under this lock: not meanwhile
+        db.session.refresh(attempt)
+        if attempt.finished_at is not None:  # ended for us (our lease lapsed): touch nothing
+            db.session.commit()
+            return
         files.discard_parts(job.id)
         attempt.outcome = "cancelled"
     except LostClaim:
@@ -248,9 +261,9 @@ def run(job_id: int, max_attempts: int) -> None:
             db.session.flush()  # refresh() would overwrite the attempt's unsaved outcome
             db.session.refresh(job)
             signals.export_finished.send(current_app._get_current_object(), job=job)
+        if owned and not keep_part:  # a failed or cancelled job leaves no part behind; before
+            files.discard_parts(job.id)  # the commit ends the attempt, which a retry waits for
         db.session.commit()
-        if owned and not keep_part:  # a failed or cancelled job leaves no part behind
-            files.discard_parts(job.id)
         raise AttemptFailed(error, retry, attempt.number) from exc
     finally:
         heartbeat.done.set()
@@ -378,7 +391,7 @@ def release_dead_claims() -> list[int]:
     prefix = f"{host()}:"
     claims = db.session.execute(
         select(ExportJob.id, ExportJob.claimed_by, ExportJob.state).where(
-            ExportJob.state.in_((JobState.RUNNING, JobState.CANCELLED)),
+            ExportJob.state.in_((*JobState.ACTIVE, JobState.CANCELLED)),
             ExportJob.claimed_by.startswith(prefix, autoescape=True),
             ExportJob.attempts.any(JobAttempt.finished_at.is_(None)))
     ).all()
@@ -389,13 +402,11 @@ def release_dead_claims() -> list[int]:
         if not pid.isdigit() or not _process_gone(int(pid)):
             continue
         gone = f"its worker process ({claim.partition('#')[0]}) is gone"
-        if state == JobState.CANCELLED:
-            db.session.execute(
-                update(JobAttempt)
-                .where(JobAttempt.job_id == job_id, JobAttempt.finished_at.is_(None))
-                .values(outcome="cancelled", finished_at=utcnow(), error=gone))
+        if state != JobState.RUNNING:  # cancelled (maybe retried since) while it ran
+            job = locked(ExportJob, job_id)
+            if job is not None and job.claimed_by == claim:
+                dispatch.end_stopped_attempt(job, gone)
             db.session.commit()
-            storage().discard_parts(job_id)
             continue
         moved = db.session.execute(
             update(ExportJob)

@@ -53,6 +53,19 @@ def connect() -> Connection:
     return engine().connect()
 
 
+def connect_briefly() -> Connection:
+    """A source connection whose statements stop after ROW_ESTIMATE_TIMEOUT s (2 by default):
+    for questions a page waits for, like the form's row estimate, which must not hold a web
+    worker for the exports' own SOURCE_STATEMENT_TIMEOUT."""
+    made = current_app.extensions.get("exportdesk.source.brief")
+    if made is None:
+        config = current_app.config
+        url = config.get("SOURCE_DATABASE_URL") or config["SQLALCHEMY_DATABASE_URI"]
+        made = current_app.extensions["exportdesk.source.brief"] = make_engine(
+            url, config["ROW_ESTIMATE_TIMEOUT"])
+    return made.connect()
+
+
 def timeout() -> float:
     return current_app.config["SOURCE_STATEMENT_TIMEOUT"]
 

@@ -161,8 +161,9 @@ def test_create_organisation_and_its_mistakes(app, admin):
     assert response.status_code == 303
     page = text(admin.get("/admin/people/"))
     assert "Organisation Initech Café created (slug initech-cafe, data key INI-1)" in page
-    assert re.search(r'<tr id="org-initech-cafe"><td>Initech Café</td><td>initech-cafe</td>'
-                     r'<td><code>INI-1</code>', page)
+    assert re.search(r'<tr id="org-initech-cafe"><td data-label="Name">Initech Café</td>'
+                     r'<td data-label="Slug">initech-cafe</td>'
+                     r'<td data-label="Data key"><code>INI-1</code>', page)
     for fields, says in [({"name": "initech cafe!", "key": "X"}, "exists already"),
                          ({"name": "Hooli", "key": "INI-1"}, "has the key &#39;INI-1&#39;"),
                          ({"name": "", "key": "H"}, "The name must be"),
@@ -322,9 +323,10 @@ def test_the_audit_log_shows_each_action_with_who_and_when(app, admin, sending):
         ("admin@exportdesk.test", "user.enable", "peter@initech.test", "acme", ""),
     ]
     page = text(admin.get("/admin/people/"))
-    rows = re.findall(r'<tr><td><time datetime="[^"]+" title="[^"]+">'
-                      r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC)</time></td><td>([^<]+)</td>"
-                      r"<td>([^<]+)</td>", page)
+    rows = re.findall(r'<tr><td data-label="When"><time datetime="[^"]+" title="[^"]+">'
+                      r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC)</time></td>"
+                      r'<td data-label="Who">([^<]+)</td><td data-label="Action">([^<]+)</td>',
+                      page)
     assert [r[2] for r in rows] == ["enabled", "disabled", "moved to another organisation",
                                     "changed the role", "invited",
                                     "created the organisation"], "newest first, in words"

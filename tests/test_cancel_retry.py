@@ -11,10 +11,12 @@ import pytest
 from conftest import csrf_from
 from expected import expected_rows
 from sqlalchemy import update
+from sqlalchemy.exc import OperationalError
 
 from jobs import dispatch, engine, lanes, pages
 from jobs.models import ExportJob, JobAttempt, JobState, db, utcnow
 from jobs.storage import storage
+from webapp import exports as webapp_exports
 from webapp.auth import create_token, find_user
 from webapp.exports import duration, timing
 
@@ -119,13 +121,41 @@ def test_retry_puts_a_cancelled_job_back_on_its_lane(app, alice):
     assert 'hx-trigger="every 1s"' in response.text, "the job is queued again: keep polling"
 
 
-def test_retry_waits_until_a_cancelled_worker_has_stopped(app, alice):
-    job_id = make_job(app, state=JobState.CANCELLED)
+def test_retry_while_the_cancelled_worker_still_stops_is_accepted_and_waits_for_it(
+        app, alice, instance):
+    """Accepted at once; the new attempt is claimed only after the old one has ended: here its
+    worker never answers, so once its lease lapses the claim ends it and removes its part."""
+    job_id = make_job(app, state=JobState.CANCELLED, claimed_by="other-host:1#1",
+                      lease_expires_at=utcnow() + timedelta(minutes=5))
     with app.app_context():
-        db.session.add(JobAttempt(job_id=job_id, number=1, worker="w:1"))
+        db.session.add(JobAttempt(job_id=job_id, number=1, worker="other-host:1"))
         db.session.commit()
+    stale = instance / "exports" / f"job-{job_id}.a1.csv.part"
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_bytes(b"half a row")
     response = post(alice, f"/exports/{job_id}/retry")
-    assert response.status_code == 409 and "still stopping" in response.text
+    assert response.status_code == 303
+    job = load(app, job_id)
+    assert (job.state, job.claimed_by) == ("queued", "other-host:1#1"), "the claim stays"
+    with app.app_context(), pytest.raises(engine.Deferred):
+        engine.run(job_id, max_attempts=1)  # the old attempt still runs: not yet
+    assert stale.exists() and len(load_attempts(app, job_id)) == 1
+    with app.app_context():
+        db.session.execute(update(ExportJob).where(ExportJob.id == job_id)
+                           .values(lease_expires_at=utcnow() - timedelta(seconds=1)))
+        db.session.commit()
+        engine.run(job_id, max_attempts=1)
+    assert not stale.exists()
+    assert [a.outcome for a in load_attempts(app, job_id)] == ["cancelled", "succeeded"]
+    assert load(app, job_id).state == "succeeded"
+
+
+def load_attempts(app, job_id: int) -> list[JobAttempt]:
+    with app.app_context():
+        attempts = db.session.get(ExportJob, job_id).attempts
+        for attempt in attempts:
+            db.session.expunge(attempt)
+        return attempts
 
 
 def test_api_cancel_and_retry_with_a_token(app, client):
@@ -225,7 +255,8 @@ def test_progress_shows_rows_elapsed_and_eta(app, alice):
     assert t.elapsed == 30 and t.eta == 90
 
 
-@pytest.mark.parametrize("seconds, text", [(None, "–"), (0.4, "0 s"), (59, "59 s"),
+@pytest.mark.parametrize("seconds, text", [(None, "–"), (0, "under 1 s"), (0.4, "under 1 s"),
+                                           (0.99, "under 1 s"), (1, "1 s"), (59, "59 s"),
                                            (65, "1 min 05 s"), (3720, "1 h 02 min")])
 def test_duration_reads_like_a_person_would_say_it(seconds, text):
     assert duration(seconds) == text
@@ -264,3 +295,56 @@ def test_htmx_poll_after_logout_redirects_the_whole_page(client):
     response = client.get("/exports/1", headers={**HX, "HX-Current-URL": "http://x/exports/1"})
     assert response.status_code == 401
     assert response.headers["HX-Redirect"] == "/login?next=/exports/1"
+
+
+def test_inline_check_says_about_how_many_rows_and_warns_when_none(app, alice, monkeypatch):
+    response = post(alice, "/exports/check", headers=HX, dataset="transactions",
+                    status="settled", format="csv")
+    with app.app_context():
+        expected = len(expected_rows(os.environ["DATABASE_URL"], "transactions", "acme",
+                                     "and status = ?", ("settled",))) - 1
+    assert (f'<p id="transactions-estimate" hx-swap-oob="innerHTML">About {expected:,} rows.'
+            in response.text)
+    response = post(alice, "/exports/check", headers=HX, dataset="transactions",
+                    date_from="2099-01-01", format="csv")
+    assert "No rows match these parameters: the file would be empty." in response.text
+    response = post(alice, "/exports/check", headers=HX, dataset="transactions",
+                    date_from="nonsense", format="csv")
+    assert 'id="transactions-estimate" hx-swap-oob="innerHTML"></p>' in response.text
+    assert 'id="transactions-estimate" aria-live="polite"' in alice.get("/").text
+
+    def too_slow(*_args, **_kwargs):
+        raise OperationalError("select count(*)", {}, Exception("interrupted"))
+
+    monkeypatch.setattr(webapp_exports.source, "connect_briefly", too_slow)
+    response = post(alice, "/exports/check", headers=HX, dataset="transactions", format="csv")
+    assert "About how many rows: unknown (counting took too long)." in response.text
+
+
+def test_a_sub_second_export_took_under_1_s_not_0_s(app, alice):
+    started = utcnow() - timedelta(minutes=1)
+    job_id = make_job(app, state=JobState.SUCCEEDED, rows_done=3, bytes=10, file_name=None,
+                      started_at=started, finished_at=started + timedelta(seconds=0.3))
+    page = alice.get(f"/exports/{job_id}").get_data(as_text=True)
+    assert "took under 1 s" in page and "took 0 s" not in page
+    running = make_job(app, state=JobState.RUNNING, rows_done=999, rows_total=1000,
+                       started_at=utcnow() - timedelta(seconds=10))
+    page = alice.get(f"/exports/{running}").get_data(as_text=True)
+    assert "999 of 1,000 rows, under 1 s left" in page and "about under" not in page
+
+
+def test_reconciler_ends_the_attempt_a_retried_job_waits_for_once_its_lease_lapsed(
+        app, instance):
+    job_id = make_job(app, state=JobState.QUEUED, claimed_by="other-host:1#1",
+                      lease_expires_at=utcnow() - timedelta(seconds=1))
+    with app.app_context():
+        db.session.add(JobAttempt(job_id=job_id, number=1, worker="other-host:1"))
+        db.session.commit()
+    stale = instance / "exports" / f"job-{job_id}.a1.csv.part"
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_bytes(b"half a row")
+    with app.app_context():
+        dispatch.reconcile(grace=3600)
+    [attempt] = load_attempts(app, job_id)
+    assert attempt.outcome == "cancelled" and attempt.finished_at is not None
+    assert not stale.exists() and load(app, job_id).state == "queued"

@@ -365,3 +365,17 @@ def test_a_sent_email_is_recorded_sent_also_when_the_database_drops_the_first_co
         mail.deliver(email.id, 4)
         assert calls and db.session.get(OutboundEmail, email.id).state == EmailState.SENT
     assert len([m for m in sending.messages if m["Subject"] == "Dropped commit"]) == 1
+
+
+def test_no_ready_email_for_an_empty_file_the_page_still_offers_it(app, alice, sending):
+    """0 rows: nothing worth an email (the job page still has the file); 1 row or more: one."""
+    empty = run_inline(app, "alice@acme.test", "transactions",
+                       {"date_from": "2099-01-01"})
+    assert empty.state == "succeeded" and empty.rows_done == 0
+    assert emails_of(app, empty.id) == []
+    page = alice.get(f"/exports/{empty.id}").get_data(as_text=True)
+    assert f'href="/exports/{empty.id}/download"' in page and "0 rows" in page
+    assert alice.get(f"/exports/{empty.id}/download").status_code == 200
+    full = run_inline(app, "alice@acme.test", "transactions", {"date_to": "2099-01-01"})
+    assert full.rows_done > 0
+    assert [e.kind for e in emails_of(app, full.id)] == ["download-link"]

@@ -180,8 +180,9 @@ def test_api_create_with_bearer_token_returns_202_job(app, client, token):
     assert set(job) == {"id", "state", "lane", "dataset", "format", "params", "rows_done",
                         "rows_total", "progress", "bytes", "sha256", "created_at", "started_at",
                         "finished_at", "error", "utf8_replaced", "xlsx_truncated",
-                        "download_url"}
+                        "download_url", "lane_paused", "ahead"}
     assert job["state"] == "queued" and job["lane"] == "exports"
+    assert job["lane_paused"] is False and isinstance(job["ahead"], int)
     assert job["params"] == {"status": "open"} and job["download_url"] is None
     again = client.get(f"/api/jobs/{job['id']}", headers={"Authorization": f"Bearer {token}"})
     assert again.status_code == 200 and again.json["id"] == job["id"]

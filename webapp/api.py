@@ -14,6 +14,7 @@ from webapp.exports import (
     TooManyExports,
     job_for,
     request_export,
+    waiting,
 )
 from webapp.exports import (
     choices as _choices,
@@ -31,7 +32,9 @@ def _time(value) -> str | None:
 
 
 def job_json(job: ExportJob) -> dict:
-    """A job as DESIGN.md defines it for API clients."""
+    """A job as DESIGN.md defines it for API clients; while it is queued, why it waits
+    (`lane_paused`, `ahead`: queued jobs of its lane before it), else both null."""
+    wait = waiting(job)
     return {
         "id": job.id,
         "state": job.state,
@@ -48,6 +51,8 @@ def job_json(job: ExportJob) -> dict:
         "started_at": _time(job.started_at),
         "finished_at": _time(job.finished_at),
         "error": job.error,
+        "lane_paused": wait.lane_paused if wait else None,
+        "ahead": wait.ahead if wait else None,
         "utf8_replaced": job.utf8_replaced,
         "xlsx_truncated": job.xlsx_truncated,
         "download_url": url_for("exports.download", job_id=job.id, _external=True)

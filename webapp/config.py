@@ -109,6 +109,8 @@ def load() -> dict:
         # The team's database that exports read (read-only); the app's own when unset.
         "SOURCE_DATABASE_URL": os.environ.get("SOURCE_DATABASE_URL", ""),
         "SOURCE_STATEMENT_TIMEOUT": _seconds("SOURCE_STATEMENT_TIMEOUT", 300),
+        # The form's row estimate gives up after this (a page waits for it).
+        "ROW_ESTIMATE_TIMEOUT": _seconds("ROW_ESTIMATE_TIMEOUT", 2),
         "EXPORT_DIR": os.environ.get("EXPORT_DIR") or str(instance / "exports"),
         "EXPORT_BATCH_ROWS": int(os.environ.get("EXPORT_BATCH_ROWS", 10_000)),
         "CHECKPOINT_INTERVAL": _seconds("CHECKPOINT_INTERVAL", 0.5),

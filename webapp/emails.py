@@ -82,7 +82,10 @@ def export_finished(job: ExportJob) -> None:
         log.info("job %s ended after its owner moved organisation: no email", job.id)
         return
     try:
-        if job.state == JobState.SUCCEEDED:
+        if job.state == JobState.SUCCEEDED and job.rows_done == 0:
+            # Nothing to fetch: no "ready" email for an empty file (the job page offers it).
+            log.info("job %s succeeded with no rows: no email", job.id)
+        elif job.state == JobState.SUCCEEDED:
             download_email(job, f"export-ready:{job.id}")
         elif job.state == JobState.FAILED and current_app.config["EXPORT_FAILURE_EMAIL"]:
             queue_email(

@@ -185,14 +185,60 @@ def tab_title(job: ExportJob) -> str:
     return f"{head} · Export #{job.id}"
 
 
+@dataclass(frozen=True)
+class Waiting:
+    """Why a queued job has not started: a cancelled attempt still stopping (a retry waits for
+    it), its lane paused by an admin, or the jobs ahead of it on its lane."""
+
+    lane: str
+    stopping: bool
+    lane_paused: bool
+    ahead: int
+
+    def text(self) -> str:
+        """The words the job page and My exports show."""
+        if self.stopping:
+            return "Waiting for the cancelled attempt to stop"
+        if self.lane_paused:
+            return f"Waiting: the {self.lane} lane is paused by an admin"
+        if self.ahead == 0:
+            return "Waiting for a worker · next in line"
+        return (f"Waiting for a worker · {self.ahead:,} export{'s' if self.ahead != 1 else ''} "
+                "ahead of yours")
+
+
+@bp.app_template_global()
+def waiting(job: ExportJob) -> Waiting | None:
+    """For a queued job (None otherwise), so the user knows whether waiting longer helps.
+
+    "Ahead" counts the queued jobs of the same lane with a lower id (made before it): one
+    count on the (state, id) index. A lane whose pause flag cannot be read counts as running.
+    """
+    if job.state != JobState.QUEUED:
+        return None
+    try:
+        paused = dispatch.paused(job.lane)
+    except Exception:  # the broker is away: the job waits anyway, say why we know
+        current_app.logger.warning("cannot read whether lane %s is paused", job.lane)
+        paused = False
+    ahead = db.session.scalar(
+        select(func.count()).select_from(ExportJob).where(
+            ExportJob.state == JobState.QUEUED, ExportJob.lane == job.lane,
+            ExportJob.id < job.id))
+    return Waiting(job.lane, dispatch.stopping(job), paused, ahead or 0)
+
+
 bp.add_app_template_filter(iso_time, "iso_time")  # <time datetime="{{ at|iso_time }}">
 
 
 @bp.app_template_filter("duration")
 def duration(seconds: float | None) -> str:
-    """A short human duration: 4 s, 2 min 05 s, 1 h 12 min."""
+    """A short human duration: under 1 s, 4 s, 2 min 05 s, 1 h 12 min ("0 s" would read as
+    if nothing had been done; the admin pages say it the same way: admin_text.duration)."""
     if seconds is None:
         return "–"
+    if seconds < 1:
+        return "under 1 s"
     total = int(round(seconds))
     if total < 60:
         return f"{total} s"
@@ -269,11 +315,27 @@ def check():
     errors: dict[str, str] = {}
     if request.form.get("format", "csv") not in dataset.formats:
         errors["format"] = format_error(dataset)
+    estimate: int | None = None
     try:
-        dataset.clean_params(_form_params())
+        cleaned = dataset.clean_params(_form_params())
     except InvalidParams as exc:
         errors.update(exc.errors)
-    return render("exports/_errors.html", dataset=dataset, errors=errors)
+    else:
+        estimate = row_estimate(dataset, cleaned)
+    return render("exports/_errors.html", dataset=dataset, errors=errors, estimate=estimate,
+                  counted=not errors)
+
+
+def row_estimate(dataset: Dataset, params: dict) -> int | None:
+    """How many rows the export would have now, so an empty file is no surprise; None when
+    the count takes longer than ROW_ESTIMATE_TIMEOUT or fails (the export may still work)."""
+    try:
+        with source.connect_briefly() as conn:
+            key = current_user.organisation.data_key_or_id
+            return conn.execute(dataset.count(key, params)).scalar_one()
+    except SQLAlchemyError as exc:
+        current_app.logger.info("no row estimate for %s (%s)", dataset.name, exc)
+        return None
 
 
 @bp.get("/exports")
