@@ -11,6 +11,7 @@ from conftest import login
 from test_admin_overview import add_jobs, listed
 
 from jobs.models import EmailState, JobState, utcnow
+from webapp import admin as admin_views
 
 
 @pytest.fixture
@@ -83,3 +84,18 @@ def test_times_are_relative_with_the_exact_time_on_hover(app):
     exact = created.strftime("%Y-%m-%d %H:%M:%S UTC")
     stamp = created.replace(microsecond=0).isoformat()
     assert f'<time datetime="{stamp}Z" title="{exact}">3 min ago</time>' in page
+
+
+def test_a_tab_counts_up_to_its_cap_so_its_cost_stays_flat(app, monkeypatch):
+    monkeypatch.setattr(admin_views, "TAB_COUNT_CAP", 3)
+    day = datetime(2007, 7, 7, 12)
+    add_jobs(app, *[(JobState.FAILED, day)] * 3, *[(JobState.QUEUED, day)] * 2,
+             ("email:" + EmailState.FAILED, day))
+    admin = login(app.test_client(), "admin@exportdesk.test")
+    page = admin.get("/admin/jobs?date_from=2007-07-07&date_to=2007-07-07").text
+    shown = dict(re.findall(r'id="tab-(\w+)"[^>]*>\w+ <span class="tab-count">([\d,+]+)</span>',
+                            page))
+    assert shown["all"] == "3+" and shown["failed"] == "3+"  # 4 failed: 3 exports, 1 email
+    assert shown["queued"] == "2" and shown["running"] == "0"
+    exports = admin.get("/admin/jobs?date_from=2007-07-07&date_to=2007-07-07&kind=exports").text
+    assert '<span class="tab-count">3</span>' in exports.split('id="tab-failed"')[1][:80]

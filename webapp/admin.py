@@ -76,16 +76,23 @@ STATE_TABS = {"exports": ("queued", "running", "retrying", "failed", "succeeded"
                    "cancelled")}
 
 
+TAB_COUNT_CAP = 1000  # a tab counts this far ("1,000+" beyond): its cost stays flat
+
+
 def _tabs(where: JobFilter) -> tuple[list, list]:
     """(label, query arguments, current) per kind tab, and (label, count, query arguments,
-    current) per state tab: each keeps the other filters; counts are one grouped COUNT."""
-    counts = overview.state_counts(replace(where, state=""))
+    current) per state tab: each keeps the other filters; counts stop past TAB_COUNT_CAP."""
     kinds = [(label, replace(where, kind=kind).args(), where.kind == kind)
              for kind, label in KIND_TABS]
-    states = [("All", sum(counts.values()), replace(where, state="").args(), not where.state)]
-    states += [(state.capitalize(), counts.get(state, 0), replace(where, state=state).args(),
-                where.state == state) for state in STATE_TABS[where.kind]]
-    return kinds, states
+    states = [("All", "", not where.state)] + [
+        (state.capitalize(), state, where.state == state) for state in STATE_TABS[where.kind]]
+    return kinds, [(label, _count(replace(where, state=state)), replace(where, state=state).args(),
+                    current) for label, state, current in states]
+
+
+def _count(where: JobFilter) -> str:
+    count = overview.capped_count(where, TAB_COUNT_CAP)
+    return f"{TAB_COUNT_CAP:,}+" if count > TAB_COUNT_CAP else f"{count:,}"
 
 
 @bp.get("/jobs")
