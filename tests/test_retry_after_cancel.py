@@ -8,12 +8,14 @@ import csv
 import io
 import os
 import signal
-import sqlite3
 import time
 
 import pytest
 from conftest import consumer, csrf_from, wait_for
 from expected import expected_rows
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.pool import NullPool
 
 from jobs import lanes
 from jobs.models import ExportJob, db
@@ -35,25 +37,31 @@ def current(app, job_id: int) -> ExportJob:
         return job
 
 
-def pause_outside_a_write(pid: int, database_url: str) -> None:
-    """SIGSTOP the worker, but not while it holds SQLite's write lock (the web's cancel would
-    wait for it): a stopped worker is one that has not yet reached its next checkpoint."""
-    path = database_url.removeprefix("sqlite:///") if database_url.startswith("sqlite") else None
-    for _ in range(50):
-        os.kill(pid, signal.SIGSTOP)
-        if path is None:
-            return
-        probe = sqlite3.connect(path, timeout=0.2, isolation_level=None)
-        try:
-            probe.execute("BEGIN IMMEDIATE")
-            probe.execute("ROLLBACK")
-            return
-        except sqlite3.OperationalError:
-            os.kill(pid, signal.SIGCONT)
-            time.sleep(0.01)
-        finally:
-            probe.close()
-    raise AssertionError("the worker always held the write lock")
+def pause_outside_a_write(pid: int, database_url: str, job_id: int) -> None:
+    """SIGSTOP the worker, but not while it holds a lock the web's cancel needs (SQLite's write
+    lock, PostgreSQL's lock on the job's row): else the cancel would wait for a stopped worker.
+    A stopped worker is one that has not yet reached its next checkpoint."""
+    engine = create_engine(database_url, poolclass=NullPool,
+                           connect_args={"timeout": 0.2} if database_url.startswith("sqlite")
+                           else {})
+    try:
+        for _ in range(50):
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                with engine.connect() as conn:
+                    if conn.dialect.name == "sqlite":
+                        conn.exec_driver_sql("BEGIN IMMEDIATE")
+                    else:
+                        conn.execute(text("SELECT id FROM export_jobs WHERE id = :id "
+                                          "FOR UPDATE NOWAIT"), {"id": job_id})
+                    conn.rollback()
+                return
+            except OperationalError:
+                os.kill(pid, signal.SIGCONT)
+                time.sleep(0.01)
+    finally:
+        engine.dispose()
+    raise AssertionError("the worker always held the lock")
 
 
 @pytest.mark.parametrize("via", ["api", "page"])
@@ -70,7 +78,7 @@ def test_retry_at_once_after_cancel_starts_after_the_old_attempt_stopped(
             job = wait_for(lambda: (j := current(app, job_id)).state == "running"
                            and j.rows_done > 0 and j, what="the export to be under way")
             pid = int(job.claimed_by.partition("#")[0].rpartition(":")[2])
-            pause_outside_a_write(pid, database_url)  # it cannot reach its next checkpoint
+            pause_outside_a_write(pid, database_url, job_id)  # it cannot reach its next checkpoint
             try:
                 if via == "api":
                     cancelled = alice.post(f"/api/jobs/{job_id}/cancel", headers=headers)
