@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,7 +19,8 @@ from conftest import (
     migrate_and_seed,
     wait_for,
 )
-from sqlalchemy import create_engine, func, insert, select
+from sqlalchemy import create_engine, func, insert, select, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.pool import NullPool
 
 from jobs.models import ExportJob, JobAttempt, User
@@ -113,3 +115,30 @@ def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     except ProcessLookupError:
         pass
     proc.wait(30)
+
+
+def pause_outside_a_write(pid: int, database_url: str, job_id: int) -> None:
+    """SIGSTOP the worker, but not while it holds a lock the web's cancel needs (SQLite's write
+    lock, PostgreSQL's lock on the job's row): else the cancel would wait for a stopped worker.
+    A stopped worker is one that has not yet reached its next checkpoint."""
+    engine = create_engine(database_url, poolclass=NullPool,
+                           connect_args={"timeout": 0.2} if database_url.startswith("sqlite")
+                           else {})
+    try:
+        for _ in range(50):
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                with engine.connect() as conn:
+                    if conn.dialect.name == "sqlite":
+                        conn.exec_driver_sql("BEGIN IMMEDIATE")
+                    else:
+                        conn.execute(text("SELECT id FROM export_jobs WHERE id = :id "
+                                          "FOR UPDATE NOWAIT"), {"id": job_id})
+                    conn.rollback()
+                return
+            except OperationalError:
+                os.kill(pid, signal.SIGCONT)
+                time.sleep(0.01)
+    finally:
+        engine.dispose()
+    raise AssertionError("the worker always held the lock")

@@ -12,7 +12,7 @@ import signal
 
 import pytest
 from conftest import wait_for
-from instances import Instance
+from instances import Instance, pause_outside_a_write
 
 pytestmark = pytest.mark.integration
 ROWS = 200_000
@@ -36,7 +36,9 @@ def test_a_worker_paused_past_its_lease_cannot_touch_the_published_file(instance
         job = wait_for(lambda: (j := instance.job(job_id)).state == "running" and j.rows_total
                        and j.rows_done >= 0.3 * j.rows_total and j, what="30 % written")
         paused_pid = int(job.claimed_by.partition("#")[0].rpartition(":")[2])
-        os.kill(paused_pid, signal.SIGSTOP)
+        # Paused between two writes, as a stall most often strikes; paused inside one, the
+        # job's row stays locked until the database ends that connection (docs/guarantees.md).
+        pause_outside_a_write(paused_pid, instance.env["DATABASE_URL"], job_id)
         try:
             with instance.worker("exports", f"second-{fmt}"):
                 done = wait_for(lambda: (j := instance.job(job_id)).state == "succeeded" and j,

@@ -13,9 +13,7 @@ import time
 import pytest
 from conftest import consumer, csrf_from, wait_for
 from expected import expected_rows
-from sqlalchemy import create_engine, text
-from sqlalchemy.exc import OperationalError
-from sqlalchemy.pool import NullPool
+from instances import pause_outside_a_write
 
 from jobs import lanes
 from jobs.models import ExportJob, db
@@ -35,33 +33,6 @@ def current(app, job_id: int) -> ExportJob:
             db.session.expunge(attempt)
         db.session.expunge(job)
         return job
-
-
-def pause_outside_a_write(pid: int, database_url: str, job_id: int) -> None:
-    """SIGSTOP the worker, but not while it holds a lock the web's cancel needs (SQLite's write
-    lock, PostgreSQL's lock on the job's row): else the cancel would wait for a stopped worker.
-    A stopped worker is one that has not yet reached its next checkpoint."""
-    engine = create_engine(database_url, poolclass=NullPool,
-                           connect_args={"timeout": 0.2} if database_url.startswith("sqlite")
-                           else {})
-    try:
-        for _ in range(50):
-            os.kill(pid, signal.SIGSTOP)
-            try:
-                with engine.connect() as conn:
-                    if conn.dialect.name == "sqlite":
-                        conn.exec_driver_sql("BEGIN IMMEDIATE")
-                    else:
-                        conn.execute(text("SELECT id FROM export_jobs WHERE id = :id "
-                                          "FOR UPDATE NOWAIT"), {"id": job_id})
-                    conn.rollback()
-                return
-            except OperationalError:
-                os.kill(pid, signal.SIGCONT)
-                time.sleep(0.01)
-    finally:
-        engine.dispose()
-    raise AssertionError("the worker always held the lock")
 
 
 @pytest.mark.parametrize("via", ["api", "page"])
