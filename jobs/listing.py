@@ -92,7 +92,7 @@ class JobFilter:
     date_to: date | None = None
     q: str = ""
     kind: str = ""
-    since: datetime | None = None  # created at or after this instant (the overview's links)
+    ended_since: datetime | None = None  # finished (sent, failed) at or after this instant
 
     @classmethod
     def from_args(cls, args: Mapping[str, str]) -> JobFilter:
@@ -110,7 +110,7 @@ class JobFilter:
             date_to=_date(args.get("date_to")),
             q=(args.get("q") or "").strip()[:200],
             kind=pick("kind", KINDS),
-            since=_moment(args.get("since")),
+            ended_since=_moment(args.get("ended_since")),
         )
 
     @property
@@ -148,14 +148,11 @@ class JobFilter:
         a statement built from job_conditions() or email_conditions()."""
         days = {"range_start": self.date_from,
                 "range_end": self.date_to and self.date_to + timedelta(days=1)}
-        bounds = {k: datetime.combine(day, datetime.min.time()) for k, day in days.items() if day}
-        if self.since:
-            bounds["range_start"] = max(bounds.get("range_start", self.since), self.since)
-        return bounds
+        return {k: datetime.combine(day, datetime.min.time()) for k, day in days.items() if day}
 
     def _dates(self, table: Table) -> list:
         start, end = DATE_RANGE[table]
-        return (start if self.date_from or self.since else []) + (end if self.date_to else [])
+        return (start if self.date_from else []) + (end if self.date_to else [])
 
     def job_conditions(self) -> list | None:
         """WHERE clauses over export_jobs; None when no export job can match."""
@@ -174,6 +171,8 @@ class JobFilter:
             owner = select(user_c.id).where(user_c.email == address).scalar_subquery()
             where.append(job_c.user_id == owner)
         where += self._dates(ExportJob.__table__)
+        if self.ended_since:
+            where.append(job_c.finished_at >= self.ended_since)
         if self.value:
             where += [param_c.value == self.value, param_c.job_id == job_c.id]
         elif self.q and "@" not in self.q:
@@ -196,6 +195,8 @@ class JobFilter:
         for address in self._addresses():
             where.append(email_c.to_address == address)
         where += self._dates(OutboundEmail.__table__)
+        if self.ended_since:  # sent, or else its last attempt (the one that failed) began
+            where.append(func.coalesce(email_c.sent_at, email_c.claimed_at) >= self.ended_since)
         if self.q and "@" not in self.q:
             where.append(email_c.job_id == int(self.q.removeprefix("#")))
         return where

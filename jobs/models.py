@@ -179,6 +179,8 @@ class ExportJob(db.Model):
         Index("ix_export_jobs_dataset_id", "dataset", "id"),
         Index("ix_export_jobs_user_id_id", "user_id", "id"),
         Index("ix_export_jobs_created_at", "created_at"),
+        # The overview counts what failed or succeeded lately, by when it ended.
+        Index("ix_export_jobs_state_finished_at", "state", "finished_at"),
     )
     id: Mapped[int] = mapped_column(primary_key=True)
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
@@ -305,7 +307,8 @@ class OutboundEmail(db.Model):
 
     __tablename__ = "outbound_emails"
     __table_args__ = (Index("ix_outbound_emails_to_address", "to_address"),
-                      Index("ix_outbound_emails_created_at", "created_at"))
+                      Index("ix_outbound_emails_created_at", "created_at"),
+                      Index("ix_outbound_emails_state_sent_at", "state", "sent_at"))
     id: Mapped[int] = mapped_column(primary_key=True)
     key: Mapped[str] = mapped_column(String(200), unique=True)
     kind: Mapped[str] = mapped_column(String(40))

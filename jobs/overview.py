@@ -61,10 +61,11 @@ def capped_count(where: JobFilter, cap: int) -> int:
 
 def overview(now: datetime) -> list[Count]:
     """Per kind and bucket: queued, running and retrying as they are now; failed in the 24 h
-    before `now` and succeeded since midnight (UTC) of `now`'s day, by when they were
-    requested (the created_at index bounds those scans, as in the list)."""
-    windows = {"failed": {"since": now.replace(microsecond=0) - timedelta(hours=24)},
-               "succeeded": {"date_from": now.date()}}
+    before `now` and succeeded since midnight (UTC) of `now`'s day, by when they ended
+    (the (state, finished_at) and (state, sent_at) indexes bound those scans)."""
+    midnight = datetime.combine(now.date(), datetime.min.time())
+    windows = {"failed": {"ended_since": now.replace(microsecond=0) - timedelta(hours=24)},
+               "succeeded": {"ended_since": midnight}}
     counts = []
     for kind, column in (("exports", 1), ("emails", 2)):
         grouped = _grouped(kind, [b[column] for b in BUCKETS if b[0] not in WINDOWED])

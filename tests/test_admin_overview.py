@@ -19,20 +19,24 @@ def app(fresh):
     return fresh.app  # counts must see only this test's rows
 
 
-def add_jobs(app, *specs: tuple[str, datetime]) -> None:
-    """Export jobs (state, created_at) and emails ("email:state", created_at)."""
+def add_jobs(app, *specs: tuple) -> None:
+    """Export jobs (state, created_at[, ended_at]) and emails ("email:state", created_at[,
+    ended_at]); a job or email ends when it is made unless told otherwise."""
     with app.app_context():
         user = find_user("alice@acme.test")
-        for state, created_at in specs:
+        for state, created_at, *ended in specs:
+            ended_at = ended[0] if ended else created_at
             if state.startswith("email:"):
                 db.session.add(OutboundEmail(
                     key=secrets.token_hex(8), kind="export_ready", to_address=user.email,
                     subject="Your export is ready", text_body="Hello", html_body="",
-                    message_id="<x@test>", state=state[6:], created_at=created_at))
+                    message_id="<x@test>", state=state[6:], created_at=created_at,
+                    claimed_at=ended_at,
+                    sent_at=ended_at if state[6:] == EmailState.SENT else None))
             else:
                 db.session.add(ExportJob(user=user, org_id=user.org_id, dataset="transactions",
                                          params={}, state=state, created_at=created_at,
-                                         finished_at=created_at))
+                                         finished_at=ended_at))
         db.session.commit()
 
 
@@ -41,6 +45,8 @@ def listed(html: str) -> list[str]:
 
 
 def test_counts_per_state_each_a_link_to_exactly_those_rows(app):
+    """Failed in the last 24 h and succeeded today count by when a job ended, not when it was
+    asked for: a long export asked for yesterday and finished today succeeded today."""
     now = utcnow()
     midnight = datetime.combine(now.date(), datetime.min.time())
     today = max(now - timedelta(minutes=1), midnight)  # today, UTC, even just after midnight
@@ -48,28 +54,35 @@ def test_counts_per_state_each_a_link_to_exactly_those_rows(app):
     add_jobs(app, *[(JobState.QUEUED, today)] * 2, (JobState.RUNNING, today),
              (JobState.RETRYING, today), *[(JobState.FAILED, hour_ago)] * 3,
              (JobState.FAILED, now - timedelta(hours=25)),  # too old to count
+             (JobState.FAILED, now - timedelta(hours=30), hour_ago),  # asked long ago
              *[(JobState.SUCCEEDED, today)] * 2,
+             (JobState.SUCCEEDED, midnight - timedelta(hours=2), today),  # ended today
              (JobState.SUCCEEDED, midnight - timedelta(hours=1)),  # yesterday: not today
              (JobState.CANCELLED, today),
              ("email:" + EmailState.QUEUED, today), ("email:" + EmailState.SENDING, today),
              *[("email:" + EmailState.FAILED, hour_ago)] * 2,
              ("email:" + EmailState.FAILED, now - timedelta(hours=25)),
+             ("email:" + EmailState.FAILED, now - timedelta(hours=26), hour_ago),  # retried
              ("email:" + EmailState.SENT, today),
+             ("email:" + EmailState.SENT, midnight - timedelta(hours=3), today),
              ("email:" + EmailState.SENT, midnight - timedelta(minutes=1)))
     admin = login(app.test_client(), "admin@exportdesk.test")
     page = admin.get("/admin/").text
-    expected = {"exports": {"queued": 2, "running": 1, "retrying": 1, "failed": 3,
-                            "succeeded": 2},
-                "emails": {"queued": 1, "running": 1, "retrying": 0, "failed": 2,
-                           "succeeded": 1}}
+    expected = {"exports": {"queued": 2, "running": 1, "retrying": 1, "failed": 4,
+                            "succeeded": 3},
+                "emails": {"queued": 1, "running": 1, "retrying": 0, "failed": 3,
+                           "succeeded": 2}}
     for kind, buckets in expected.items():
         for bucket, number in buckets.items():
             link = re.search(rf'id="count-{kind}-{bucket}"[^>]*href="([^"]+)"[^>]*>([\d,]+)<',
                              page, re.S)
             assert link, (kind, bucket)
             assert int(link.group(2)) == number, (kind, bucket)
-            rows = listed(admin.get(link.group(1).replace("&amp;", "&")).text)
+            listing = admin.get(link.group(1).replace("&amp;", "&")).text
+            rows = listed(listing)
             assert len(rows) == number, (kind, bucket, link.group(1))
+            # The window is said on the list, with a way out of it.
+            assert (bucket in ("failed", "succeeded")) == ('id="ended-since"' in listing)
             assert all(r.startswith("job-" if kind == "exports" else "email-") for r in rows)
 
 

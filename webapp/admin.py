@@ -107,7 +107,8 @@ def jobs():
     return _render("admin/jobs.html", 400 if date_error else 200, rows=rows, where=where,
                    args=where.args(), after=after, paged=bool(request.args.get("after")),
                    states=STATES, lanes=LANES, datasets=datasets.registry(),
-                   kind_tabs=kind_tabs, state_tabs=state_tabs, date_error=date_error)
+                   kind_tabs=kind_tabs, state_tabs=state_tabs, date_error=date_error,
+                   any_time=replace(where, ended_since=None).args())
 
 
 def _back(url: str):
