@@ -8,7 +8,7 @@ import secrets
 from datetime import datetime, timedelta
 
 from jobs.models import AdminAction, ExportJob, JobAttempt, JobState, OutboundEmail, db
-from webapp import admin_text
+from webapp import admin_text, times
 from webapp.auth import find_user
 
 WHEN = datetime(2026, 12, 2, 13, 4, 5, 678901)
@@ -26,17 +26,17 @@ def make_job(app, **values) -> int:
 
 
 def test_one_time_format_durations_and_relative_times():
-    assert admin_text.exact(WHEN) == EXACT
-    assert admin_text.exact(None) == "–"
-    assert admin_text.duration(WHEN, WHEN + timedelta(milliseconds=300)) == "under 1 s"
-    assert admin_text.duration(WHEN, WHEN + timedelta(seconds=42.5)) == "42 s"
-    assert admin_text.duration(WHEN, WHEN + timedelta(minutes=3, seconds=5)) == "3 min 5 s"
-    assert admin_text.duration(WHEN, WHEN + timedelta(hours=2, minutes=4)) == "2 h 4 min"
-    assert admin_text.ago(WHEN, WHEN + timedelta(seconds=3)) == "just now"
-    assert admin_text.ago(WHEN, WHEN + timedelta(minutes=3, seconds=50)) == "3 min ago"
-    assert admin_text.ago(WHEN, WHEN + timedelta(hours=5)) == "5 h ago"
-    assert admin_text.ago(WHEN, WHEN + timedelta(days=1)) == "1 day ago"
-    assert admin_text.ago(WHEN, WHEN + timedelta(days=3)) == "3 days ago"
+    assert times.exact(WHEN) == EXACT
+    assert times.exact(None) == "–"
+    assert times.duration(WHEN, WHEN + timedelta(milliseconds=300)) == "under 1 s"
+    assert times.duration(WHEN, WHEN + timedelta(seconds=42.5)) == "42 s"
+    assert times.duration(WHEN, WHEN + timedelta(minutes=3, seconds=5)) == "3 min 05 s"
+    assert times.duration(WHEN, WHEN + timedelta(hours=2, minutes=4)) == "2 h 04 min"
+    assert times.ago(WHEN, WHEN + timedelta(seconds=3)) == "just now"
+    assert times.ago(WHEN, WHEN + timedelta(minutes=3, seconds=50)) == "3 min ago"
+    assert times.ago(WHEN, WHEN + timedelta(hours=5)) == "5 h ago"
+    assert times.ago(WHEN, WHEN + timedelta(days=1)) == "1 day ago"
+    assert times.ago(WHEN, WHEN + timedelta(days=3)) == "3 days ago"
     assert admin_text.action_words("retry_from_scratch") == "retried from scratch"
     assert admin_text.action_words("user.role") == "changed the role"
     assert admin_text.action_words("something_new") == "something new"
@@ -91,3 +91,17 @@ def test_an_email_page_shows_its_message(app, admin):
             "is ready.</pre>") in message
     assert f"{EXACT}</time>" in page
 
+
+
+def test_a_users_pages_say_times_as_the_admin_pages_do(app):
+    """My exports: how long ago, the exact time on hover; the job page: the exact time."""
+    from conftest import login
+
+    job_id = make_job(app, state=JobState.QUEUED, created_at=WHEN)
+    alice = login(app.test_client(), "alice@acme.test")
+    mine = alice.get("/exports").text
+    row = re.search(rf'<tr id="row-{job_id}".*?</tr>', mine, re.S)
+    tag = f'<time datetime="2026-12-02T13:04:05Z" title="{EXACT}">'
+    assert row and re.search(rf"{re.escape(tag)}[^<]+ ago</time>", row.group(0)), mine
+    page = alice.get(f"/exports/{job_id}").text
+    assert f"{tag}{EXACT}</time>" in page

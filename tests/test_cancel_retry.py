@@ -18,7 +18,8 @@ from jobs.models import ExportJob, JobAttempt, JobState, db, utcnow
 from jobs.storage import storage
 from webapp import exports as webapp_exports
 from webapp.auth import create_token, find_user
-from webapp.exports import duration, timing
+from webapp.exports import timing
+from webapp.times import seconds_text
 
 HX = {"HX-Request": "true"}
 
@@ -259,7 +260,7 @@ def test_progress_shows_rows_elapsed_and_eta(app, alice):
                                            (0.99, "under 1 s"), (1, "1 s"), (59, "59 s"),
                                            (65, "1 min 05 s"), (3720, "1 h 02 min")])
 def test_duration_reads_like_a_person_would_say_it(seconds, text):
-    assert duration(seconds) == text
+    assert seconds_text(seconds) == text
 
 
 def test_my_exports_polls_only_while_something_is_active(app, bob):

@@ -14,7 +14,7 @@ from sqlalchemy import select
 from jobs.models import ExportJob, JobState, OutboundEmail, db
 from webapp import emails
 from webapp.auth import create_token, find_user
-from webapp.views import iso_time
+from webapp.times import iso_time
 
 VALID = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d{1,3})?Z")
 

@@ -28,6 +28,7 @@ from webapp import (
     headers,
     links,
     ops,
+    times,
     views,
 )
 from webapp.extensions import csrf, login_manager, migrate
@@ -106,6 +107,7 @@ def create_app(test_config: dict | None = None) -> Flask:
     cli.init_app(app)
     _register_error_pages(app)
     headers.init_app(app)
+    times.init_app(app)
     return app
 
 

@@ -26,7 +26,7 @@ from jobs.formats import FORMATS
 from jobs.models import ExportJob, JobState, User, db, locked, utcnow
 from jobs.storage import storage
 from webapp.downloads import send_export
-from webapp.views import is_htmx, iso_time, job_action, refused, render
+from webapp.views import is_htmx, job_action, refused, render
 
 bp = Blueprint("exports", __name__)
 
@@ -226,25 +226,6 @@ def waiting(job: ExportJob) -> Waiting | None:
             ExportJob.state == JobState.QUEUED, ExportJob.lane == job.lane,
             ExportJob.id < job.id))
     return Waiting(job.lane, dispatch.stopping(job), paused, ahead or 0)
-
-
-bp.add_app_template_filter(iso_time, "iso_time")  # <time datetime="{{ at|iso_time }}">
-
-
-@bp.app_template_filter("duration")
-def duration(seconds: float | None) -> str:
-    """A short human duration: under 1 s, 4 s, 2 min 05 s, 1 h 12 min ("0 s" would read as
-    if nothing had been done; the admin pages say it the same way: admin_text.duration)."""
-    if seconds is None:
-        return "–"
-    if seconds < 1:
-        return "under 1 s"
-    total = int(round(seconds))
-    if total < 60:
-        return f"{total} s"
-    if total < 3600:
-        return f"{total // 60} min {total % 60:02d} s"
-    return f"{total // 3600} h {total % 3600 // 60:02d} min"
 
 
 def _my_jobs() -> list[ExportJob]:

@@ -4,7 +4,6 @@ words of HTTP errors and the machine-readable time of a <time> element."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 from flask import Response, make_response, render_template, request
 from werkzeug.exceptions import HTTPException, MethodNotAllowed
@@ -24,14 +23,6 @@ def render(template: str, status: int = 200, **context) -> Response:
     response = make_response(render_template(template, **context), status)
     response.vary.add("HX-Request")
     return response
-
-
-def iso_time(moment: datetime) -> str:
-    """A UTC time for `<time datetime>`: ISO 8601 with a Z and at most milliseconds (HTML
-    allows no more than three fractional digits; isoformat() gives six)."""
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(UTC).replace(tzinfo=None)
-    return moment.isoformat(timespec="milliseconds" if moment.microsecond else "seconds") + "Z"
 
 
 def refused(reason: str, status: int = 409):
