@@ -37,6 +37,9 @@ def test_admin_sees_live_progress_cancels_a_running_export_then_retries_it(
     page.goto("/admin/jobs")
     row = page.locator(f"#job-row-{job_id}")
     row.locator(".badge", has_text="running").wait_for()
+    # The state tabs' counts come after the list, in a request of their own.
+    page.locator("#tab-running .tab-count").wait_for()
+    assert int(page.locator("#tab-running .tab-count").inner_text()) >= 1
     bar = row.locator("[role=progressbar]")
     first = float(bar.get_attribute("aria-valuenow"))
     page.wait_for_function(  # the row refreshes itself: no reload

@@ -79,15 +79,17 @@ STATE_TABS = {"exports": ("queued", "running", "retrying", "failed", "succeeded"
 TAB_COUNT_CAP = 1000  # a tab counts this far ("1,000+" beyond): its cost stays flat
 
 
-def _tabs(where: JobFilter) -> tuple[list, list]:
+def _tabs(where: JobFilter, counted: bool = False) -> tuple[list, list]:
     """(label, query arguments, current) per kind tab, and (label, count, query arguments,
-    current) per state tab: each keeps the other filters; counts stop past TAB_COUNT_CAP."""
+    current) per state tab: each keeps the other filters; counts (only when `counted`) stop
+    past TAB_COUNT_CAP."""
     kinds = [(label, replace(where, kind=kind).args(), where.kind == kind)
              for kind, label in KIND_TABS]
     states = [("All", "", not where.state)] + [
         (state.capitalize(), state, where.state == state) for state in STATE_TABS[where.kind]]
-    return kinds, [(label, _count(replace(where, state=state)), replace(where, state=state).args(),
-                    current) for label, state, current in states]
+    return kinds, [(label, _count(replace(where, state=state)) if counted else "",
+                    replace(where, state=state).args(), current)
+                   for label, state, current in states]
 
 
 def _count(where: JobFilter) -> str:
@@ -108,7 +110,17 @@ def jobs():
                    args=where.args(), after=after, paged=bool(request.args.get("after")),
                    states=STATES, lanes=LANES, datasets=datasets.registry(),
                    kind_tabs=kind_tabs, state_tabs=state_tabs, date_error=date_error,
-                   any_time=replace(where, ended_since=None).args())
+                   any_time=replace(where, ended_since=None).args(), counted=False)
+
+
+@bp.get("/jobs/tabs")
+@staff_required
+def job_tabs():
+    """The state tabs with their counts, asked for once the list is shown: counting a filter
+    over a million jobs costs more than the list's first page, which need not wait for it."""
+    where = JobFilter.from_args(request.args)
+    return _render("admin/_state_tabs.html", state_tabs=_tabs(where, counted=True)[1],
+                   args=where.args(), counted=True)
 
 
 def _back(url: str):
