@@ -52,7 +52,8 @@ def fault(step: str) -> None:
     checkpoint not yet committed), checkpointed (committed), final (the last bytes fsynced,
     the final checkpoint not yet committed), published (the file renamed into place, the job
     not yet marked succeeded), committed (marked succeeded, the email not yet handed to its
-    lane). Refused in production (webapp.config).
+    lane); and ended_stopped (a claim ended a cancelled attempt whose worker went silent, not
+    yet committed). Refused in production (webapp.config).
     """
     spec = current_app.config.get("FAULT_INJECT", "") if has_app_context() else ""
     name, _, nth = spec.partition(":")

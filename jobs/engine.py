@@ -84,6 +84,7 @@ def _claim(job_id: int, max_attempts: int) -> tuple[ExportJob, JobAttempt] | Non
             db.session.rollback()
             raise Deferred  # that worker still writes its part: look again shortly
         dispatch.end_stopped_attempt(job, "the worker stopped responding (its lease lapsed)")
+        fault("ended_stopped")
     locked(User, job.user_id)
     running = db.session.scalar(
         select(func.count()).select_from(ExportJob).where(
@@ -225,6 +226,10 @@ def run(job_id: int, max_attempts: int) -> None:
         attempt.outcome = "cancelled"
     except LostClaim:
         db.session.rollback()
+        db.session.refresh(attempt)
+        if attempt.outcome not in (None, "lost"):  # ended for us (cancelled by the claim that
+            db.session.commit()  # took over): that stands; "lost" we now know more about
+            return
         attempt.outcome = "abandoned"
         attempt.error = "another worker took the job over after this one's lease lapsed"
     except (Interrupted, KeyboardInterrupt):  # KeyboardInterrupt: Huey's forced shutdown

@@ -77,7 +77,8 @@ def test_a_kill_at_each_step_ends_in_the_right_file_and_one_email(instance, smtp
     if step == "committed":
         assert len(attempts) == 1, "nothing ran again: only the email was still to send"
     else:
-        assert [a.outcome for a in attempts] == ["lost", "succeeded"]
+        assert [a.outcome for a in attempts] == ["lost", "succeeded"], \
+            [(a.outcome, a.error, (a.traceback or "")[-1500:]) for a in attempts]
         assert "is gone" in attempts[0].error, "resumed as a dead local worker, not by lease"
     if step == "published":  # finished without writing the file again
         assert job.file_name == f"job-{job_id}.a1.{fmt}"
