@@ -38,14 +38,15 @@ PRINT_STYLES = ("-c client_encoding=UTF8 -c TimeZone=UTC -c DateStyle=ISO "
                 "-c extra_float_digits=1 -c bytea_output=hex")
 
 
-def engine() -> Engine:
-    """The running app's source engine, made once."""
-    made = current_app.extensions.get("exportdesk.source")
+def engine(key: str = "exportdesk.source", limit_setting: str = "SOURCE_STATEMENT_TIMEOUT"
+           ) -> Engine:
+    """The running app's source engine whose statements stop after `limit_setting` seconds,
+    made once (kept in app.extensions[key])."""
+    made = current_app.extensions.get(key)
     if made is None:
         config = current_app.config
         url = config.get("SOURCE_DATABASE_URL") or config["SQLALCHEMY_DATABASE_URI"]
-        made = current_app.extensions["exportdesk.source"] = make_engine(
-            url, config["SOURCE_STATEMENT_TIMEOUT"])
+        made = current_app.extensions[key] = make_engine(url, config[limit_setting])
     return made
 
 
@@ -57,13 +58,7 @@ def connect_briefly() -> Connection:
     """A source connection whose statements stop after ROW_ESTIMATE_TIMEOUT s (2 by default):
     for questions a page waits for, like the form's row estimate, which must not hold a web
     worker for the exports' own SOURCE_STATEMENT_TIMEOUT."""
-    made = current_app.extensions.get("exportdesk.source.brief")
-    if made is None:
-        config = current_app.config
-        url = config.get("SOURCE_DATABASE_URL") or config["SQLALCHEMY_DATABASE_URI"]
-        made = current_app.extensions["exportdesk.source.brief"] = make_engine(
-            url, config["ROW_ESTIMATE_TIMEOUT"])
-    return made.connect()
+    return engine("exportdesk.source.brief", "ROW_ESTIMATE_TIMEOUT").connect()
 
 
 def timeout() -> float:

@@ -12,7 +12,6 @@ import os
 import shutil
 
 import pytest
-from axe_playwright_python.sync_playwright import Axe
 from conftest import (
     TEST_DATABASE_URL,
     Stack,
@@ -27,6 +26,7 @@ from test_browser import (  # noqa: F401 (browser, close_pages, shots: fixtures)
     close_pages,
     job_row,
     log_in,
+    no_axe_violations,
     open_page,
     shots,
     snap,
@@ -34,7 +34,6 @@ from test_browser import (  # noqa: F401 (browser, close_pages, shots: fixtures)
 )
 
 pytestmark = pytest.mark.integration
-AXE = Axe()
 WIDTHS = {"desktop": 1280, "phone": 390}
 ALICE, ADMIN = "alice@acme.test", "admin@exportdesk.test"
 
@@ -115,8 +114,7 @@ def test_page_is_accessible_and_fits(browser, site, shots, name, width):  # noqa
     if name == "job":
         page.locator("a.download").wait_for()
 
-    results = AXE.run(page)
-    assert results.violations_count == 0, f"{name} at {width}:\n{results.generate_report()}"
+    no_axe_violations(page, f"{name} at {width}")
     if width == "phone":
         assert page.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), (
             f"{name} scrolls sideways at 390 px: "

@@ -7,24 +7,18 @@ from __future__ import annotations
 import re
 
 import pytest
-from axe_playwright_python.sync_playwright import Axe
 from conftest import query
 from test_browser import (  # noqa: F401 (browser, close_pages, shots: fixtures)
     browser,
     close_pages,
     log_in,
+    no_axe_violations,
     open_page,
     shots,
     snap,
 )
 
 pytestmark = pytest.mark.integration
-
-
-def no_axe_violations(page) -> None:
-    """axe-core's checks (it runs in the page: JavaScript must be on)."""
-    results = Axe().run(page)
-    assert results.violations_count == 0, results.generate_report()
 
 
 def tokens(stack) -> list[str]:

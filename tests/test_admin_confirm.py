@@ -8,21 +8,12 @@ from pathlib import Path
 
 import pytest
 from conftest import csrf_from, login
-from test_admin import make_email, make_job, post, state
+from test_admin import empty_lanes, make_email, make_job, post, state  # noqa: F401 (autouse)
 
-from jobs import dispatch, lanes
+from jobs import dispatch
 from jobs.models import EmailState, JobState, OutboundEmail, db, utcnow
 
 CSS = (Path(__file__).resolve().parent.parent / "static" / "exportdesk.css").read_text()
-
-
-@pytest.fixture(autouse=True)
-def empty_lanes(app):
-    yield
-    with app.app_context():
-        for lane in lanes.LANES.values():
-            lane.resume()
-            lane.flush()
 
 
 def tag(html: str, element_id: str) -> str:

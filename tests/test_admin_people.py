@@ -238,13 +238,18 @@ def test_disable_from_the_dialog_answers_htmx_with_a_redirect(app, admin):
     assert 'id="user-state">disabled<' in text(admin.get(f"/admin/people/users/{bob_id}"))
 
 
-def test_a_disabled_users_running_export_goes_on_and_admins_still_reach_the_file(app, admin):
+def alices_job(app) -> int:
+    """A queued export of Alice's, as the form makes one."""
     with app.app_context():
         alice = find_user("alice@acme.test")
         job = ExportJob(user=alice, org_id=alice.org_id, dataset="orders", params={})
         db.session.add(job)
         db.session.commit()
-        job_id = job.id
+        return job.id
+
+
+def test_a_disabled_users_running_export_goes_on_and_admins_still_reach_the_file(app, admin):
+    job_id = alices_job(app)
     post(admin, f"/admin/people/users/{user_id(app, 'alice@acme.test')}/disable")
     with app.app_context():
         engine.run(job_id, max_attempts=1)  # what a worker does with it
@@ -382,12 +387,7 @@ def test_a_moved_user_no_longer_reaches_the_old_organisations_jobs(app, admin):
 
 
 def test_the_ready_email_of_an_export_whose_owner_moved_is_not_sent(app, admin):
-    with app.app_context():
-        alice = find_user("alice@acme.test")
-        job = ExportJob(user=alice, org_id=alice.org_id, dataset="orders", params={})
-        db.session.add(job)
-        db.session.commit()
-        job_id = job.id
+    job_id = alices_job(app)
     post(admin, f"/admin/people/users/{user_id(app, 'alice@acme.test')}/move",
          org=str(org_id(app, "globex")))
     with app.app_context():

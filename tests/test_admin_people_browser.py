@@ -9,19 +9,18 @@ import re
 from urllib.parse import urlsplit
 
 import pytest
-from axe_playwright_python.sync_playwright import Axe
 from mailserver import MailServer, links_in
 from test_browser import (  # noqa: F401 (browser, close_pages, shots: fixtures)
     browser,
     close_pages,
     log_in,
+    no_axe_violations,
     open_page,
     shots,
     snap,
 )
 
 pytestmark = pytest.mark.integration
-AXE = Axe()
 
 
 @pytest.fixture
@@ -29,12 +28,6 @@ def smtp():
     server = MailServer().start()
     yield server
     server.stop()
-
-
-def accessible(page) -> None:
-    """No axe-core violation on the page as it is now."""
-    results = AXE.run(page)
-    assert results.violations_count == 0, f"{page.url}\n{results.generate_report()}"
 
 
 def test_an_admin_invites_a_colleague_who_sets_a_password_and_logs_in(
@@ -46,7 +39,7 @@ def test_an_admin_invites_a_colleague_who_sets_a_password_and_logs_in(
     page.click("nav[aria-label=Admin] >> text=People")
     page.wait_for_url(re.compile(r"/admin/people/$"))
     page.locator("#orgs").wait_for()
-    accessible(page)
+    no_axe_violations(page)
 
     # A mistake first: an address that has an account already is a message by its field.
     page.fill("#invite-email", "alice@acme.test")
@@ -54,7 +47,7 @@ def test_an_admin_invites_a_colleague_who_sets_a_password_and_logs_in(
     page.click("#invite-submit")
     page.locator("#invite-email-error", has_text="exists already").wait_for()
     assert page.get_attribute("#invite-email", "aria-invalid") == "true"
-    accessible(page)
+    no_axe_violations(page)
 
     page.fill("#invite-email", "carol@acme.test")
     page.select_option("#invite-org", label="Acme")
@@ -64,7 +57,7 @@ def test_an_admin_invites_a_colleague_who_sets_a_password_and_logs_in(
     page.wait_for_url(re.compile(r"/admin/people/users/\d+$"))
     page.locator(".flash", has_text="Invitation sent to carol@acme.test").wait_for()
     assert page.inner_text("#user-state") == "invited"
-    accessible(page)
+    no_axe_violations(page)
 
     message = smtp.mailbox.wait_for(lambda m: m["To"] == "carol@acme.test", timeout=60)
     [link] = [link for link in links_in(message) if "/invitation/" in link]
@@ -75,7 +68,7 @@ def test_an_admin_invites_a_colleague_who_sets_a_password_and_logs_in(
     colleague = open_page(browser, stack)
     colleague.goto(urlsplit(link).path)
     colleague.locator("h1", has_text="Welcome: choose your password").wait_for()
-    accessible(colleague)
+    no_axe_violations(colleague)
     colleague.fill("#password", "colleague pw 1")
     colleague.fill("#confirm", "colleague pw 1")
     colleague.click("button[type=submit]")
@@ -97,7 +90,7 @@ def test_an_admin_invites_a_colleague_who_sets_a_password_and_logs_in(
     assert log.count() == 2
     assert "disabled" in log.nth(0).inner_text() and "invited" in log.nth(1).inner_text()
     assert "admin@exportdesk.test" in log.nth(0).inner_text()
-    accessible(page)
+    no_axe_violations(page)
     snap(page, shots / "admin-person.png")
 
     colleague.reload()

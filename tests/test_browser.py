@@ -65,6 +65,14 @@ def shots(tmp_path) -> Path:
     return folder
 
 
+def no_axe_violations(page, where: str = "") -> None:
+    """axe-core's checks on the page as it is now (they run in the page: JavaScript on)."""
+    from axe_playwright_python.sync_playwright import Axe
+
+    results = Axe().run(page)
+    assert results.violations_count == 0, f"{where or page.url}\n{results.generate_report()}"
+
+
 def snap(page, path: Path) -> None:
     """The whole page, no taller than its content: small files for docs/screenshots."""
     page.screenshot(path=path, full_page=True)

@@ -6,6 +6,7 @@ import csv
 import io
 import os
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from conftest import csrf_from
@@ -40,6 +41,20 @@ def make_job(app, email: str = "alice@acme.test", **values) -> int:
         db.session.add(job)
         db.session.commit()
         return job.id
+
+
+def stopping_job(app, instance, state: str, lease_left: timedelta) -> tuple[int, Path]:
+    """A job cancelled (and maybe retried since) while another host's worker ran it: its
+    attempt still open, its lease `lease_left` from now, a part of its on disk."""
+    job_id = make_job(app, state=state, claimed_by="other-host:1#1",
+                      lease_expires_at=utcnow() + lease_left)
+    with app.app_context():
+        db.session.add(JobAttempt(job_id=job_id, number=1, worker="other-host:1"))
+        db.session.commit()
+    stale = instance / "exports" / f"job-{job_id}.a1.csv.part"
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_bytes(b"half a row")
+    return job_id, stale
 
 
 def load(app, job_id: int) -> ExportJob:
@@ -126,14 +141,7 @@ def test_retry_while_the_cancelled_worker_still_stops_is_accepted_and_waits_for_
         app, alice, instance):
     """Accepted at once; the new attempt is claimed only after the old one has ended: here its
     worker never answers, so once its lease lapses the claim ends it and removes its part."""
-    job_id = make_job(app, state=JobState.CANCELLED, claimed_by="other-host:1#1",
-                      lease_expires_at=utcnow() + timedelta(minutes=5))
-    with app.app_context():
-        db.session.add(JobAttempt(job_id=job_id, number=1, worker="other-host:1"))
-        db.session.commit()
-    stale = instance / "exports" / f"job-{job_id}.a1.csv.part"
-    stale.parent.mkdir(exist_ok=True)
-    stale.write_bytes(b"half a row")
+    job_id, stale = stopping_job(app, instance, JobState.CANCELLED, timedelta(minutes=5))
     response = post(alice, f"/exports/{job_id}/retry")
     assert response.status_code == 303
     job = load(app, job_id)
@@ -336,14 +344,7 @@ def test_a_sub_second_export_took_under_1_s_not_0_s(app, alice):
 
 def test_reconciler_ends_the_attempt_a_retried_job_waits_for_once_its_lease_lapsed(
         app, instance):
-    job_id = make_job(app, state=JobState.QUEUED, claimed_by="other-host:1#1",
-                      lease_expires_at=utcnow() - timedelta(seconds=1))
-    with app.app_context():
-        db.session.add(JobAttempt(job_id=job_id, number=1, worker="other-host:1"))
-        db.session.commit()
-    stale = instance / "exports" / f"job-{job_id}.a1.csv.part"
-    stale.parent.mkdir(exist_ok=True)
-    stale.write_bytes(b"half a row")
+    job_id, stale = stopping_job(app, instance, JobState.QUEUED, timedelta(seconds=-1))
     with app.app_context():
         dispatch.reconcile(grace=3600)
     [attempt] = load_attempts(app, job_id)
