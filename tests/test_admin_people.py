@@ -6,6 +6,7 @@ a person moves."""
 from __future__ import annotations
 
 import re
+import threading
 from datetime import timedelta
 from urllib.parse import urlsplit
 
@@ -16,6 +17,7 @@ from sqlalchemy import func, select
 
 from jobs import engine
 from jobs.models import AdminAction, ExportJob, Organisation, OutboundEmail, User, db
+from webapp import people_ops as ops
 from webapp.auth import create_token, find_user
 from webapp.tokens import download_token
 
@@ -411,3 +413,41 @@ def test_viewers_see_every_organisations_jobs_but_change_nothing(app, viewer):
     for path in (f"/exports/{job.id}", f"/exports/{job.id}/download", f"/api/jobs/{job.id}"):
         assert bob.get(path).status_code == 404, path
     assert post(bob, f"/exports/{job.id}/retry").status_code == 404
+
+
+def test_two_admins_demoting_each_other_at_once_leave_one_admin(app):
+    """The last-admin rule holds under a race: the second demotion waits for the first and
+    then sees it (on PostgreSQL and on SQLite)."""
+    with app.app_context():
+        ops.create_user("second-admin@exportdesk.test", find_user("admin@exportdesk.test")
+                        .organisation, "admin", actor=None, password="a long password 1")
+        db.session.commit()
+    first_changed, first_may_commit, results = threading.Event(), threading.Event(), {}
+
+    def demote(email: str, first: bool) -> None:
+        with app.app_context():
+            try:
+                ops.set_role(find_user(email), "user", actor=None)
+                db.session.flush()
+                if first:  # holds its transaction open while the other one tries
+                    first_changed.set()
+                    first_may_commit.wait(30)
+                db.session.commit()
+                results[email] = "demoted"
+            except ops.Refused:
+                db.session.rollback()
+                results[email] = "refused"
+
+    one = threading.Thread(target=demote, args=("admin@exportdesk.test", True))
+    one.start()
+    assert first_changed.wait(30)
+    other = threading.Thread(target=demote, args=("second-admin@exportdesk.test", False))
+    other.start()
+    other.join(1)  # it waits on the first one's lock meanwhile (or would demote wrongly)
+    first_may_commit.set()
+    one.join(30)
+    other.join(30)
+    assert sorted(results.values()) == ["demoted", "refused"], results
+    with app.app_context():
+        assert db.session.scalar(select(func.count(User.id)).where(
+            User.role == "admin", User.disabled_at.is_(None))) == 1

@@ -165,8 +165,17 @@ def create_user(email: str, org: Organisation, role: str, actor: User | None,
 
 
 def _active_admins() -> int:
-    return db.session.scalar(select(func.count(User.id)).where(
-        User.role == "admin", User.disabled_at.is_(None)))
+    """How many active admins there are, counted under a lock held until the transaction
+    ends: two admins demoting each other at once must not both see the other one left.
+    PostgreSQL locks the admins' rows (a waiting count re-reads them once the other commits);
+    SQLite takes its write lock up front, as jobs.models.locked does."""
+    session = db.session
+    active = select(User.id).where(User.role == "admin", User.disabled_at.is_(None))
+    if session.get_bind().dialect.name == "sqlite":
+        if not session.connection().connection.dbapi_connection.in_transaction:
+            session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+        return len(session.scalars(active).all())
+    return len(session.scalars(active.with_for_update()).all())
 
 
 def _keep_an_admin(user: User, doing: str) -> None:
