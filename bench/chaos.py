@@ -716,9 +716,11 @@ class Chaos:
                     f"{what}: still {row.state} after the drain, created {row.created_at}, "
                     f"{got} message(s) arrived" + (f"; error: {row.error}" if row.error else ""))
         with_email = {row.job_id for row in emails if row.kind == "download-link"}
-        for job in succeeded:
-            if job.id not in with_email:
+        for job in succeeded:  # an empty export sends no "ready" email (webapp.emails)
+            if job.rows_done and job.id not in with_email:
                 problems["emails never"].append(f"job {job.id} succeeded without its email")
+            if not job.rows_done and job.id in with_email:
+                problems["emails twice"].append(f"job {job.id}: an email for an empty export")
         strangers = sum(n for message_id, n in arrived.items() if message_id not in ids)
 
         # Part files left behind, and published files no job points to.
