@@ -5,13 +5,15 @@ session on the server, and no other cookie stands in for a login."""
 from __future__ import annotations
 
 import re
+from datetime import timedelta
 
 import pytest
 from conftest import csrf_from, login
 from flask_login.utils import encode_cookie
 from sqlalchemy import func, select
 
-from jobs.models import ApiToken, UserSession, db
+from jobs import retention
+from jobs.models import ApiToken, UserSession, db, utcnow
 from webapp.auth import SESSION_ID, create_token, find_user
 
 
@@ -326,3 +328,30 @@ def test_a_remember_me_cookie_is_not_a_login(app):
     assert not logged_in(client)
     alice = login(app.test_client(), "alice@acme.test")
     assert "remember_token" not in str(alice.get("/exports").headers.getlist("Set-Cookie"))
+
+
+def test_a_login_ends_after_session_max_age_however_active(app):
+    client = login(app.test_client(), "alice@acme.test")
+    assert logged_in(client)
+    with app.app_context():
+        row = db.session.scalar(select(UserSession).where(UserSession.ended_at.is_(None))
+                                .order_by(UserSession.id.desc()))
+        row.created_at -= app.config["SESSION_MAX_AGE"] + timedelta(seconds=1)
+        db.session.commit()
+    assert not logged_in(client), "older than SESSION_MAX_AGE: log in again"
+    assert logged_in(login(client, "alice@acme.test"))
+
+
+def test_retention_prunes_ended_and_outlived_sessions(app):
+    keep = login(app.test_client(), "alice@acme.test")
+    ended = login(app.test_client(), "bob@globex.test")
+    ended.post("/logout", data={"csrf_token": csrf_from(ended.get("/exports").text)})
+    now = utcnow()
+    with app.app_context():
+        db.session.add(UserSession(user=find_user("alice@acme.test"), token_hash="0" * 64,
+                                   created_at=now - app.config["SESSION_MAX_AGE"]
+                                   - timedelta(seconds=1)))
+        db.session.commit()
+        assert retention.sweep(now).pruned_sessions == 2  # bob's ended one, the outlived one
+        assert db.session.scalar(select(func.count()).select_from(UserSession)) == 1
+    assert logged_in(keep), "an open session stays"

@@ -61,7 +61,9 @@ def _open_session(sid: object) -> UserSession | None:
         return None
     row = db.session.scalar(select(UserSession).options(joinedload(UserSession.user))
                             .where(UserSession.token_hash == _session_hash(sid)))
-    return row if row is not None and row.ended_at is None else None
+    if row is None or row.ended_at is not None:
+        return None
+    return row if row.created_at > utcnow() - current_app.config["SESSION_MAX_AGE"] else None
 
 
 @login_manager.user_loader

@@ -138,6 +138,8 @@ def load() -> dict:
         # the window; past that, even the right password waits (docs/people.md). 0: no limit.
         "LOGIN_FAILURE_LIMIT": int(os.environ.get("LOGIN_FAILURE_LIMIT", 10)),
         "LOGIN_FAILURE_WINDOW": timedelta(seconds=_seconds("LOGIN_FAILURE_WINDOW", 900)),
+        # A login lasts at most this long, however active; then log in again.
+        "SESSION_MAX_AGE": timedelta(seconds=_seconds("SESSION_MAX_AGE", 14 * 86400)),
         "EXPORT_RETENTION": timedelta(seconds=_seconds("EXPORT_RETENTION", 7 * 86400)),
         # A failed attempt keeps its part to resume from only while parts hold at most this.
         "EXPORT_PARTS_BUDGET": int(os.environ.get("EXPORT_PARTS_BUDGET", 2 * 1024**3)),
