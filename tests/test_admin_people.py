@@ -451,3 +451,34 @@ def test_two_admins_demoting_each_other_at_once_leave_one_admin(app):
     with app.app_context():
         assert db.session.scalar(select(func.count(User.id)).where(
             User.role == "admin", User.disabled_at.is_(None))) == 1
+
+
+def test_an_invitation_sent_again_works_and_the_earlier_link_no_longer_does(
+        app, admin, sending):
+    invite(admin, app, "dave@acme.test")
+    dave = user_id(app, "dave@acme.test")
+    first = sending.wait_for(lambda m: m["To"] == "dave@acme.test")
+    page = text(admin.get(f"/admin/people/users/{dave}"))
+    assert 'id="invite-again"' in page
+    again = post(admin, f"/admin/people/users/{dave}/invite-again")
+    assert again.status_code == 303
+    assert "A new invitation is on its way to dave@acme.test" in text(admin.get(
+        again.headers["Location"]))
+    second = sending.wait_for(lambda m: m["To"] == "dave@acme.test" and m is not first)
+    [old], [new] = ([link for link in links_in(m) if "/invitation/" in link]
+                    for m in (first, second))
+    assert old != new
+    newcomer = app.test_client()
+    stale = newcomer.get(urlsplit(old).path)
+    assert stale.status_code == 400 and "cannot be used" in text(stale)
+    form = newcomer.get(urlsplit(new).path)
+    assert form.status_code == 200
+    done = newcomer.post(urlsplit(new).path, data={
+        "password": "dave's pw 1", "confirm": "dave's pw 1", "csrf_token": csrf_from(text(form))})
+    assert done.status_code == 303
+    login(app.test_client(), "dave@acme.test", "dave's pw 1")
+
+    refused = post(admin, f"/admin/people/users/{dave}/invite-again")  # active now
+    assert refused.status_code == 409 and "only an invited user" in text(refused)
+    assert 'id="invite-again"' not in text(admin.get(f"/admin/people/users/{dave}"))
+    assert [a[1] for a in log_of(app)] == ["user.invite", "user.reinvite"]

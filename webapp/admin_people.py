@@ -189,6 +189,17 @@ def enable(user_id: int):
                    "{user.email} is enabled: they can log in again.")
 
 
+@bp.post("/users/<int:user_id>/invite-again")
+@admin_required
+def invite_again(user_id: int):
+    def send_again(user: User) -> None:
+        ops.reinvite(user, current_user)
+        emails.invitation(user, current_user)
+
+    return _change(user_id, send_again, "A new invitation is on its way to {user.email}; the "
+                   "links in earlier ones no longer work.")
+
+
 @bp.post("/users/<int:user_id>/move")
 @admin_required
 def move(user_id: int):

@@ -10,8 +10,9 @@ from flask import Flask
 ACTIONS = {"cancel": "cancelled", "retry": "retried", "retry_from_scratch":
            "retried from scratch", "pause": "paused the lane", "resume": "resumed the lane",
            "org.create": "created the organisation", "org.key": "changed the data key",
-           "user.invite": "invited", "user.create": "created the user",
-           "user.role": "changed the role", "user.disable": "disabled",
+           "user.invite": "invited", "user.reinvite": "invited again",
+           "user.create": "created the user", "user.role": "changed the role",
+           "user.disable": "disabled",
            "user.enable": "enabled", "user.move": "moved to another organisation"}
 
 

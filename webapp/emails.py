@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from email.utils import make_msgid, parseaddr
+from hashlib import sha256
 
 from flask import Flask, current_app, render_template
 from sqlalchemy import select
@@ -117,10 +118,12 @@ def password_reset(user: User) -> OutboundEmail | None:
 
 def invitation(user: User, inviter: User) -> OutboundEmail | None:
     """The newcomer's single-use link to choose a password (it carries the unusable password's
-    fingerprint, so it stops once one is set), through the critical lane like a reset."""
+    fingerprint, so it stops once one is set or the invitation is sent again), through the
+    critical lane like a reset; one email per unusable password."""
     ttl = current_app.config["INVITATION_TTL"]
     return queue_email(
-        f"invitation:{user.id}:{utcnow():%Y%m%d%H%M}", "invitation", user.email,
+        f"invitation:{user.id}:{sha256(user.password_hash.encode()).hexdigest()[:16]}",
+        "invitation", user.email,
         f"You are invited to exportdesk ({user.organisation.name})", "invitation",
         link=external_url(f"/invitation/{invitation_token(user)}"), user=user,
         inviter=inviter, expires=utcnow() + ttl,

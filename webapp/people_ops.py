@@ -164,6 +164,17 @@ def create_user(email: str, org: Organisation, role: str, actor: User | None,
     return user
 
 
+def reinvite(user: User, actor: User | None) -> None:
+    """Make a new unusable password, so the link of every earlier invitation stops working
+    (the caller sends the new one): for a lost or expired invitation."""
+    if state(user) != "invited":
+        raise Refused(f"{user.email} is {state(user)}: only an invited user who has not chosen a "
+                      "password yet can be invited again", "state")
+    user.password_hash = "!" + secrets.token_hex(16)
+    audit(actor, "user.reinvite", "earlier invitation links stop working", subject=user,
+          org=user.organisation)
+
+
 def _active_admins() -> int:
     """How many active admins there are, counted under a lock held until the transaction
     ends: two admins demoting each other at once must not both see the other one left.
