@@ -223,3 +223,23 @@ def test_the_limit_holds_across_two_web_processes(fresh, two_servers):
     assert count == 4
     # The four came from one address (127.0.0.1) too: its count is shared the same way.
     assert web_attempt(second, "bob@globex.test", "exportdesk").status_code == 429
+
+
+@pytest.mark.parametrize("hops, counted", [(0, "127.0.0.1"), (1, "203.0.113.9")])
+def test_behind_a_proxy_the_address_is_the_forwarded_one_only_when_told(fresh, hops, counted):
+    """PROXY_HOPS=1: the proxy's X-Forwarded-For names the client, so people behind one proxy
+    do not share one count; PROXY_HOPS=0 (the default): anyone could send that header, so it
+    is ignored."""
+    from conftest import APP_CONFIG
+
+    from webapp import create_app
+
+    app = create_app({**APP_CONFIG, "PROXY_HOPS": hops})
+    client = app.test_client()
+    client.environ_base["REMOTE_ADDR"] = "127.0.0.1"  # the proxy
+    token = csrf_from(client.get("/login").get_data(as_text=True))
+    response = client.post("/login", headers={"X-Forwarded-For": "203.0.113.9"},
+                           data={"email": "alice@acme.test", "password": "wrong password",
+                                 "csrf_token": token})
+    assert response.status_code == 400
+    assert failures(app, address=counted) == 1

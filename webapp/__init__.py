@@ -11,6 +11,7 @@ from flask_wtf.csrf import CSRFError
 from sqlalchemy import event, make_url
 from sqlalchemy.engine import Engine
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 from jobs import dataset_file, lanes, tasks  # noqa: F401 (tasks: declares every task on its lane)
 from jobs.dataset_file import DatasetFileError
@@ -82,6 +83,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     if test_config:
         app.config.from_mapping(test_config)
     app.session_interface = _Sessions()
+    if hops := app.config["PROXY_HOPS"]:  # the client's address and scheme, as proxies saw them
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)
 
     db.init_app(app)
     migrations = str(Path(__file__).parent / "migrations")

@@ -138,6 +138,9 @@ def load() -> dict:
         # the window; past that, even the right password waits (docs/people.md). 0: no limit.
         "LOGIN_FAILURE_LIMIT": int(os.environ.get("LOGIN_FAILURE_LIMIT", 10)),
         "LOGIN_FAILURE_WINDOW": timedelta(seconds=_seconds("LOGIN_FAILURE_WINDOW", 900)),
+        # How many reverse proxies stand before the app: their X-Forwarded-For (client address)
+        # and X-Forwarded-Proto are believed that many hops deep; 0 believes none.
+        "PROXY_HOPS": int(os.environ.get("PROXY_HOPS", 0)),
         # A login lasts at most this long, however active; then log in again.
         "SESSION_MAX_AGE": timedelta(seconds=_seconds("SESSION_MAX_AGE", 14 * 86400)),
         "EXPORT_RETENTION": timedelta(seconds=_seconds("EXPORT_RETENTION", 7 * 86400)),
