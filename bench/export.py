@@ -1,9 +1,16 @@
-"""Export speed and memory: exportdesk's engine against the database's own CSV tool and the
+r"""Export speed and memory: exportdesk's engine against the database's own CSV tool and the
 tutorial pattern (ORM objects, OFFSET pages); peak RSS of the worker by export size.
 
     python bench/export.py                 # 1M rows for speed; RSS at 100k, 1M and 5M
     python bench/export.py --quick         # 200k rows; RSS at 20k, 100k and 200k
     python bench/export.py --rows 5000000 --rss 100000,5000000 --postgres URL
+    python bench/export.py --formats csv   # only csv (default csv,csv.gz; xlsx too if asked)
+
+The reference is the plain command a user would type instead: `sqlite3 -csv -header db "select
+<the columns> … where org_id = … order by id"` or `psql -c "\copy (…) to stdout with (format csv,
+header)"`, and the same piped into `gzip -6` for csv.gz (xlsx is held against the plain csv).
+A second line runs the tool on a query that formats the values as the engine does (formula
+prefixes, two-decimal amounts, timestamps to the second): the same bytes, the tool's own speed.
 
 Every export reads a declared dataset (a datasets file, DATASETS_FILE) from a source database
 of its own (SOURCE_DATABASE_URL, a copy of the seeded one), as a team's own data is read; the
@@ -22,6 +29,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import sqlite3
@@ -98,11 +106,29 @@ def prepare(instance: Path, database_url: str, rows: int) -> None:
     engine.dispose()
 
 
-def export_sql(database_url: str) -> str:
-    """The whole export as one query for the database's own CSV tool: on PostgreSQL the
-    engine's COPY query; on SQLite the same values, formatted in SQL as a sqlite3 user would."""
+COLUMNS = "id, created_at, amount, currency, status, customer_email, description"
+
+
+def _acme(database_url: str) -> tuple[str, int]:
+    """The database's dialect name and acme's organisation id."""
     from sqlalchemy import create_engine, text
 
+    engine = create_engine(database_url)
+    with engine.connect() as conn:
+        org = conn.execute(text("select id from organisations where slug = 'acme'")).scalar()
+    engine.dispose()
+    return engine.dialect.name, int(org)
+
+
+def plain_sql(database_url: str) -> str:
+    """The query a user would type: the dataset's columns as stored, acme's rows, in key order."""
+    _, org = _acme(database_url)
+    return f"SELECT {COLUMNS} FROM transactions WHERE org_id = {org} ORDER BY id"
+
+
+def export_sql(database_url: str) -> str:
+    """The whole export as one query that formats the values as the engine does: on
+    PostgreSQL the engine's COPY query; on SQLite the same values, formatted in SQL."""
     from jobs.csvrows import FORMULA_PREFIXES
     from jobs.dataset_file import load
     from jobs.postgres_pages import copy_query
@@ -110,24 +136,27 @@ def export_sql(database_url: str) -> str:
     declared = Path(tempfile.mkdtemp()) / "datasets.toml"
     declared.write_text(DATASETS_TOML)
 
-    engine = create_engine(database_url)
-    with engine.connect() as conn:
-        org = conn.execute(text("select id from organisations where slug = 'acme'")).scalar()
-    engine.dispose()
-    if engine.dialect.name == "postgresql":
+    dialect, org = _acme(database_url)
+    if dialect == "postgresql":
+        from sqlalchemy.dialects import postgresql
+
         stmt = copy_query(load(declared)[DATASET], org, {}, None, None)
-        return str(stmt.compile(engine, compile_kwargs={"literal_binds": True}))
+        return str(stmt.compile(dialect=postgresql.dialect(),
+                                compile_kwargs={"literal_binds": True}))
     prefixes = ", ".join(f"char({ord(p)})" for p in FORMULA_PREFIXES)
     texts = ", ".join(f"CASE WHEN substr({c}, 1, 1) IN ({prefixes}) THEN '''' || {c} ELSE {c} END"
                       for c in ("currency", "status", "customer_email", "description"))
     return (f"SELECT id, substr(created_at, 1, 19), printf('%.2f', amount), {texts} "
-            f"FROM transactions WHERE org_id = {int(org)} ORDER BY id")
+            f"FROM transactions WHERE org_id = {org} ORDER BY id")
 
 
-def measure(cmd: list[str], env: dict, out: Path, timing: Path | None = None
-            ) -> tuple[float, int, int]:
+Run = tuple[float, int, int, int]  # seconds, peak RSS, its reader's peak RSS, bytes written
+
+
+def measure(cmd: list[str], env: dict, out: Path, timing: Path | None = None) -> Run:
     """Seconds, peak RSS and its reader's peak RSS (bytes) of one child process writing its
-    stdout to `out`; for a Python child, its own figures (without interpreter start-up) from
+    stdout to `out`, and the size of the file it made; for a Python child (the file is then
+    `timing` without its .json), its own figures (without interpreter start-up) from
     `timing`."""
     with out.open("wb") as fh:
         start = time.perf_counter()
@@ -138,22 +167,22 @@ def measure(cmd: list[str], env: dict, out: Path, timing: Path | None = None
         raise RuntimeError(f"{cmd[:3]} failed: {proc.stderr.read().decode()[-2000:]}")
     if timing is not None:
         own = json.loads(timing.read_text())
-        return own["seconds"], own["rss"], own["reader_rss"]
-    return seconds, usage.ru_maxrss * 1024, 0
+        made = timing.with_suffix("").stat().st_size
+        return own["seconds"], own["rss"], own["reader_rss"], made
+    return seconds, usage.ru_maxrss * 1024, 0, out.stat().st_size
 
 
-def best_of(repeat: int, *runs: Callable[[], tuple[float, int, int]]
-            ) -> list[tuple[float, int, int]]:
+def best_of(repeat: int, *runs: Callable[[], Run]) -> list[Run]:
     """Each run `repeat` times, in turns: per run, its best seconds and its highest RSS."""
-    results: list[list[tuple[float, int, int]]] = [[] for _ in runs]
+    results: list[list[Run]] = [[] for _ in runs]
     for _ in range(repeat):
         for run, seen in zip(runs, results, strict=True):
             seen.append(run())
-    return [(min(r[0] for r in seen), max(r[1] for r in seen), max(r[2] for r in seen))
-            for seen in results]
+    return [(min(r[0] for r in seen), max(r[1] for r in seen), max(r[2] for r in seen),
+             seen[-1][3]) for seen in results]
 
 
-def child(kind: str, out: str) -> None:
+def child(kind: str, out: str, fmt: str = "csv") -> None:
     """Run one export in this process (called as a child by the parent). On SQLite the
     engine reads through a reader process (jobs.sqlite_reader): its peak RSS is reported too."""
     from webapp import create_app
@@ -161,7 +190,7 @@ def child(kind: str, out: str) -> None:
     app = create_app()
     started = time.perf_counter()
     with app.app_context():
-        _export(app, kind, out)
+        _export(app, kind, out, fmt)
     Path(out + ".json").write_text(json.dumps({
         "seconds": time.perf_counter() - started,
         "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -169,9 +198,9 @@ def child(kind: str, out: str) -> None:
     }))
 
 
-def submit() -> None:
-    """Record an export for USER and send it to the exports lane, as the web app does; print
-    its id."""
+def submit(fmt: str) -> None:
+    """Record an export for USER in `fmt` and send it to the exports lane, as the web app does;
+    print its id."""
     from jobs import dispatch
     from jobs.models import ExportJob, db
     from webapp import create_app
@@ -180,7 +209,7 @@ def submit() -> None:
     with create_app().app_context():
         user = find_user(USER)
         job = ExportJob(user=user, org_id=user.org_id, dataset=DATASET, params={},
-                        format="csv")
+                        format=fmt)
         db.session.add(job)
         db.session.flush()
         dispatch.submit(job)
@@ -209,15 +238,15 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-def worker_rss(inst: Path, env: dict, me: list[str]) -> tuple[int, int]:
+def worker_rss(inst: Path, env: dict, me: list[str], fmt: str) -> tuple[int, int]:
     """Peak RSS of a real exports worker process and of its SQLite reader during one export:
     `flask worker exports` with one worker process, the job sent as the web app sends it. The
     worker is the pid in the job's claim; the peaks (VmHWM) are read every 2 ms, so a reader is
     last read within 2 ms of its end."""
     env = {**env, "LANE_EXPORTS_WORKERS": "1"}
     # Sent before the consumer starts, so the watch below begins before the export can.
-    job_id = int(subprocess.run([*me, "--child", "submit"], cwd=ROOT, env=env, check=True,
-                                capture_output=True, text=True).stdout)
+    job_id = int(subprocess.run([*me, "--child", "submit", "--format", fmt], cwd=ROOT,
+                                env=env, check=True, capture_output=True, text=True).stdout)
     consumer = subprocess.Popen([sys.executable, "-m", "flask", "worker", "exports"], cwd=ROOT,
                                 env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 start_new_session=True)
@@ -256,7 +285,7 @@ def worker_rss(inst: Path, env: dict, me: list[str]) -> tuple[int, int]:
     return worker, reader
 
 
-def _export(app, kind: str, out: str) -> None:
+def _export(app, kind: str, out: str, fmt: str) -> None:
     from jobs.models import ExportJob, db
     from webapp.auth import find_user
 
@@ -265,7 +294,7 @@ def _export(app, kind: str, out: str) -> None:
         from jobs import engine
 
         job = ExportJob(user=user, org_id=user.org_id, dataset=DATASET, params={},
-                        format="csv")
+                        format=fmt)
         db.session.add(job)
         db.session.commit()
         engine.run(job.id, max_attempts=1)
@@ -308,10 +337,39 @@ def pg_database(server: str, name: str, template: str = "") -> str:
     return url.set(database=name).render_as_string(hide_password=False)
 
 
+Row = tuple[str, str, str, int, Run]  # database, format, what ran, rows, its figures
+ENGINE = "exportdesk"
+TARGETS = {"SQLite": 1.5, "PostgreSQL": 1.2}  # csv: at least this times the plain tool's speed
+
+
+def speed(database: str, formats: list[str], me: list[str], inst: Path, env: dict, rows: int,
+          repeat: int, tool: str, plain: list[str], formatted: list[str]) -> list[Row]:
+    """The engine in each format and the plain tool (csv, and piped into gzip -6 for csv.gz),
+    then the tool on the formatting query, all in turns."""
+    runs: list[tuple[str, str, Callable[[], Run]]] = []
+    for fmt in formats:
+        out = inst / f"e.{fmt}"
+        engine = [*me, "--child", "engine", "--format", fmt, "--out", str(out)]
+        runs.append((fmt, ENGINE, partial(measure, engine, env, inst / "stdout",
+                                          Path(f"{out}.json"))))
+    runs.append(("csv", f"{tool} (plain)", partial(measure, plain, env, inst / "plain.csv")))
+    if "csv.gz" in formats:
+        piped = ["sh", "-c", f"{shlex.join(plain)} | gzip -6"]
+        runs.append(("csv.gz", f"{tool} | gzip -6",
+                     partial(measure, piped, env, inst / "plain.csv.gz")))
+    runs.append(("csv", f"{tool} (formatted in SQL)",
+                 partial(measure, formatted, env, inst / "formatted.csv")))
+    results = best_of(repeat, *(run for *_, run in runs))
+    return [(database, fmt, label, rows, result)
+            for (fmt, label, _), result in zip(runs, results, strict=True)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows for the speed runs")
     parser.add_argument("--rss", default="100000,1000000,5000000", help="sizes for peak RSS")
+    parser.add_argument("--formats", default="csv,csv.gz",
+                        help="formats to run, of csv, csv.gz, xlsx (xlsx: against the csv tool)")
     parser.add_argument("--floor-rows", type=int, default=200_000,
                         help="rows for the tutorial pattern (OFFSET is quadratic)")
     parser.add_argument("--postgres", default=os.environ.get("BENCH_POSTGRES_URL", PG_DEFAULT),
@@ -322,23 +380,25 @@ def main() -> None:
     parser.add_argument("--child", choices=["engine", "tutorial", "submit"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--format", default="csv", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child == "submit":
-        submit()
+        submit(args.format)
         return
     if args.child:
-        child(args.child, args.out)
+        child(args.child, args.out, args.format)
         return
     if args.quick:
         args.rows, args.rss, args.floor_rows = 200_000, "20000,100000,200000", 50_000
     rss_sizes = [int(s) for s in args.rss.split(",")]
+    formats = args.formats.split(",")
     me = [sys.executable, str(Path(__file__).resolve())]
     work = Path(tempfile.mkdtemp(prefix="exportdesk-bench-"))
-    table: list[tuple[str, int, float, int, int]] = []  # label, rows, seconds, rss, reader
+    table: list[Row] = []
     try:
         # SQLite: speed at --rows, against sqlite3 -csv and the tutorial pattern.
         sizes = sorted({args.rows, args.floor_rows, *rss_sizes})
-        rss: dict[int, tuple[int, int]] = {}  # rows: worker, reader
+        rss: dict[tuple[str, int], tuple[int, int]] = {}  # (format, rows): worker, reader
         for size in sizes:
             inst = work / f"sqlite-{size}"
             inst.mkdir()
@@ -348,20 +408,17 @@ def main() -> None:
             team = source_copy(inst, url)
             env = _env(inst, url, team)
             if size == args.rows:
-                engine = [*me, "--child", "engine", "--out", str(inst / "e.csv")]
-                tool = ["sqlite3", "-csv", "-header", str(inst / "team.db"), export_sql(url)]
-                ours, cli = best_of(
-                    args.repeat,
-                    partial(measure, engine, env, inst / "stdout", inst / "e.csv.json"),
-                    partial(measure, tool, env, inst / "cli.csv"))
-                table.append(("exportdesk engine (SQLite)", size, *ours))
-                table.append(("sqlite3 -csv", size, *cli))
+                cli = ["sqlite3", "-csv", "-header", str(inst / "team.db")]
+                table += speed("SQLite", formats, me, inst, env, size, args.repeat,
+                               "sqlite3 -csv", [*cli, plain_sql(url)], [*cli, export_sql(url)])
             if size in rss_sizes:
-                rss[size] = worker_rss(inst, env, me)
+                for fmt in formats:
+                    if fmt != "xlsx" or size <= 1_048_575:  # a sheet's limit
+                        rss[fmt, size] = worker_rss(inst, env, me, fmt)
             if size == args.floor_rows:
                 floor = measure([*me, "--child", "tutorial", "--out", str(inst / "t.csv")],
                                 env, inst / "stdout", inst / "t.csv.json")
-                table.append(("tutorial: ORM + OFFSET (SQLite)", size, *floor))
+                table.append(("SQLite", "csv", "tutorial: ORM + OFFSET", size, floor))
             if size not in (args.rows, args.floor_rows) and size != max(sizes):
                 shutil.rmtree(inst)
         if args.postgres:
@@ -373,15 +430,14 @@ def main() -> None:
                 prepare(inst, url, args.rows)
                 team = source_copy(inst, url, args.postgres)
                 env = _env(inst, url, team)
-                psql_url = team.replace("+psycopg", "")
-                copy = f"\\copy ({export_sql(url)}) to stdout with (format csv, header)"
-                engine = [*me, "--child", "engine", "--out", str(inst / "e.csv")]
-                ours, cli = best_of(
-                    args.repeat,
-                    partial(measure, engine, env, inst / "stdout", inst / "e.csv.json"),
-                    partial(measure, ["psql", psql_url, "-q", "-c", copy], env, inst / "cli.csv"))
-                table.append(("exportdesk engine (PostgreSQL)", args.rows, *ours))
-                table.append(("psql \\copy", args.rows, *cli))
+                psql = ["psql", team.replace("+psycopg", ""), "-q", "-c"]
+
+                def copy(sql: str) -> str:
+                    return f"\\copy ({sql}) to stdout with (format csv, header)"
+
+                table += speed("PostgreSQL", formats, me, inst, env, args.rows, args.repeat,
+                               "psql \\copy", [*psql, copy(plain_sql(url))],
+                               [*psql, copy(export_sql(url))])
             finally:
                 for name in ("exportdesk_bench_source", "exportdesk_bench"):  # leave them empty
                     pg_database(args.postgres, name)
@@ -390,36 +446,73 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def report(table: list[tuple[str, int, float, int, int]],
-           rss: dict[int, tuple[int, int]]) -> None:
-    rate = {label: rows / seconds for label, rows, seconds, *_ in table}
-    print(f"\n{'export (best of the turns)':36} {'rows':>10} {'seconds':>8} {'rows/s':>10} "
-          f"{'peak RSS':>9} {'+ reader':>9}")
-    for label, rows, seconds, peak, reader in table:
-        print(f"{label:36} {rows:>10,} {seconds:>8.2f} {rows / seconds:>10,.0f} "
-              f"{peak / 2**20:>7.0f}MB {f'{reader / 2**20:.0f}MB' if reader else '':>9}")
+def report(table: list[Row], rss: dict[tuple[str, int], tuple[int, int]]) -> None:
+    """The table (each engine row with its speed against the plain tool of its format, run in
+    the same turns), the targets of issue 19, and the peak RSS by format and size."""
+    found = {(database, fmt, label): (rows, run) for database, fmt, label, rows, run in table}
+
+    def rate(database: str, fmt: str, label: str) -> float | None:
+        if (database, fmt, label) not in found:
+            return None
+        rows, run = found[database, fmt, label]
+        return rows / run[0]
+
+    def tool(database: str, fmt: str) -> str | None:
+        """The label of the plain tool an engine row of `fmt` is held against."""
+        name = "sqlite3 -csv" if database == "SQLite" else "psql \\copy"
+        return f"{name} | gzip -6" if fmt == "csv.gz" else f"{name} (plain)"
+
+    print(f"\n{'database':10} {'format':6} {'run (best of the turns)':34} {'rows':>10} "
+          f"{'seconds':>8} {'rows/s':>10} {'bytes':>12} {'peak RSS':>9} {'+ reader':>9} "
+          f"{'vs tool':>8}")
+    for database, fmt, label, rows, (seconds, peak, reader, size) in table:
+        ours, theirs = rate(database, fmt, label), rate(database, fmt, tool(database, fmt))
+        if fmt == "xlsx":
+            theirs = rate(database, "csv", tool(database, "csv"))
+        versus = f"{ours / theirs:.2f}×" if label == ENGINE and theirs else ""
+        print(f"{database:10} {fmt:6} {label:34} {rows:>10,} {seconds:>8.2f} "
+              f"{rows / seconds:>10,.0f} {size:>12,} {peak / 2**20:>7.0f}MB "
+              f"{f'{reader / 2**20:.0f}MB' if reader else '':>9} {versus:>8}")
     print()
-    pairs = [("exportdesk engine (SQLite)", "sqlite3 -csv", 1.0),
-             ("exportdesk engine (PostgreSQL)", "psql \\copy", 0.9),
-             ("exportdesk engine (SQLite)", "tutorial: ORM + OFFSET (SQLite)", None)]
-    for ours, theirs, target in pairs:
-        if ours in rate and theirs in rate:
-            ratio = rate[ours] / rate[theirs]
-            goal = f"target ≥ {target:.1f}× {'met' if ratio >= target else 'MISSED'}" \
-                if target else "floor"
-            print(f"{ours} / {theirs}: {ratio:.2f}×  ({goal})")
-    sizes = sorted(rss)
+    for database, target in TARGETS.items():
+        ours, plain = rate(database, "csv", ENGINE), rate(database, "csv", tool(database, "csv"))
+        if ours and plain:
+            name = tool(database, "csv").removesuffix(" (plain)")
+            formatted = rate(database, "csv", f"{name} (formatted in SQL)")
+            print(f"{database} csv: {ours / plain:.2f}× the plain {name} (target ≥ {target}×: "
+                  f"{'met' if ours / plain >= target else 'MISSED'})"
+                  + (f"; {ours / formatted:.2f}× it on the formatting query" if formatted else ""))
+        gz, piped = rate(database, "csv.gz", ENGINE), rate(database, "csv.gz",
+                                                            tool(database, "csv.gz"))
+        if gz and piped:
+            size = (found[database, "csv.gz", ENGINE][1][3]
+                    / found[database, "csv.gz", tool(database, "csv.gz")][1][3])
+            met = gz / piped >= 2 and size <= 1.1 and (not ours or gz / ours >= 0.8)
+            print(f"{database} csv.gz: {gz / piped:.2f}× `{tool(database, 'csv.gz')}` "
+                  f"(target ≥ 2×) at {size:.3f}× its size (≤ 1.1×)"
+                  + (f", {gz / ours:.2f}× our csv's speed (≥ 0.8×)" if ours else "")
+                  + f": {'met' if met else 'MISSED'}")
+        xlsx = rate(database, "xlsx", ENGINE)
+        if xlsx and plain:
+            print(f"{database} xlsx: {xlsx / plain:.2f}× the plain csv tool")
+    floor = rate("SQLite", "csv", "tutorial: ORM + OFFSET")
+    if floor and rate("SQLite", "csv", ENGINE):
+        print(f"SQLite csv: {rate('SQLite', 'csv', ENGINE) / floor:.1f}× the tutorial pattern "
+              "(ORM objects, csv.writer, OFFSET pages)")
     print("\npeak RSS by export size (SQLite), in `flask worker exports`: the worker process "
           "+ its reader = both")
-    for size in sizes:
-        worker, reader = rss[size]
-        print(f"  {size:>10,} rows: {worker / 2**20:6.1f} MB + {reader / 2**20:6.1f} MB "
-              f"= {(worker + reader) / 2**20:6.1f} MB")
-    if len(sizes) > 1:  # the target holds for the worker with its reader, not each alone
-        small, large = (sum(rss[size]) for size in (sizes[0], sizes[-1]))
-        ok = large <= 1.2 * small and large < 200 * 2**20
-        print(f"  worker + reader: largest / smallest {large / small:.2f}×, largest "
-              f"{large / 2**20:.0f} MB (target ≤ 1.2× and < 200 MB: {'met' if ok else 'MISSED'})")
+    for fmt in dict.fromkeys(f for f, _ in rss):
+        sizes = sorted(size for f, size in rss if f == fmt)
+        for size in sizes:
+            worker, reader = rss[fmt, size]
+            print(f"  {fmt:6} {size:>10,} rows: {worker / 2**20:6.1f} MB + "
+                  f"{reader / 2**20:6.1f} MB = {(worker + reader) / 2**20:6.1f} MB")
+        if len(sizes) > 1:  # the target holds for the worker with its reader, not each alone
+            small, large = (sum(rss[fmt, size]) for size in (sizes[0], sizes[-1]))
+            ok = large <= 1.2 * small and large < 200 * 2**20
+            print(f"  {fmt:6} worker + reader: largest / smallest {large / small:.2f}×, largest "
+                  f"{large / 2**20:.0f} MB (target ≤ 1.2× and < 200 MB: "
+                  f"{'met' if ok else 'MISSED'})")
 
 
 if __name__ == "__main__":

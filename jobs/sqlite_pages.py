@@ -33,6 +33,7 @@ from sqlalchemy import (
 from jobs import source
 from jobs.csvrows import BadValue, Batch
 from jobs.datasets import Dataset
+from jobs.readahead import read_ahead
 
 FRAME = struct.Struct("<qqq")  # the reader's header before each page: rows, last key, bytes
 BAD_VALUE = 3  # the reader's exit status when a stored value is not what its kind says
@@ -104,12 +105,23 @@ def pages(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[
                               stderr=subprocess.PIPE, cwd=Path(__file__).parent.parent,
                               bufsize=0)
     limit = source.timeout()
+
+    def receive(_: object) -> tuple[Batch, None] | None:
+        """The next page from the pipe, None at its end."""
+        if not (header := _read(reader.stdout, FRAME.size, limit)):
+            return None
+        rows, last_key, length = FRAME.unpack(header)
+        return Batch(_read(reader.stdout, length, limit), rows, last_key), None
+
+    # Received in a thread: the reader writes on while the caller writes a page or fsyncs a
+    # checkpoint (a pipe holds 64 KiB; a page is about 1 MB).
+    received = read_ahead(receive, None)
     try:
         reader.stdin.write(json.dumps(spec).encode())
         reader.stdin.close()
-        while header := _read(reader.stdout, FRAME.size, limit):
-            rows, last_key, length = FRAME.unpack(header)
-            yield Batch(_read(reader.stdout, length, limit), rows, last_key)
+        # Not `yield from`: closing it early would wait for the page under way first.
+        for batch in received:  # noqa: UP028
+            yield batch
         if reader.wait() != 0:
             error = reader.stderr.read().decode(errors="replace").strip().splitlines()
             if reader.returncode == BAD_VALUE:
@@ -119,6 +131,7 @@ def pages(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[
         if reader.poll() is None:  # closed early (cancel, shutdown, timeout): stop reading
             reader.kill()
             reader.wait()
+        received.close()  # the page being received ends at the pipe's end, now
         reader.stdout.close()
         reader.stderr.close()
 

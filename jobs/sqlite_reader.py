@@ -31,7 +31,9 @@ import pyarrow.compute as pc
 
 from jobs.readahead import read_ahead
 
-FORMULA_PATTERN = r"^[=+\-@\t\r]"  # jobs.csvrows.FORMULA_PREFIXES, as a regex
+FORMULA_CHARS = b"=+-@\t\r"  # jobs.csvrows.FORMULA_PREFIXES
+FORMULA_PREFIXES = pa.array([bytes([c]) for c in FORMULA_CHARS], pa.binary())
+NEEDS_QUOTES = b'",\r\n'  # a field holding one of these is quoted
 NEEDS_QUOTES_PATTERN = r'[",\r\n]'
 # Arrow scalars made once: a kernel given a Python constant converts it at every call, looking
 # for optional modules each time, which costs as much as the kernel on a page.
@@ -156,9 +158,15 @@ def _binary(values: pa.Array) -> pa.Array:
     return pc.cast(values, pa.binary()) if pa.types.is_string(values.type) else values
 
 
-def _where(strings: pa.Array, pattern: str, change: Callable) -> pa.Array:
-    """`strings` with `change` applied to the values matching `pattern` (usually none)."""
-    mask = pc.match_substring_regex(strings, pattern)
+def _holds(strings: pa.Array, chars: bytes) -> bool:
+    """Whether any value holds one of `chars`: a memchr each over the page's text, much
+    cheaper than a kernel's look at each value, which then runs only where this says so."""
+    data = _values(strings).tobytes()
+    return any(data.find(char) >= 0 for char in chars)
+
+
+def _where(strings: pa.Array, mask: pa.Array, change: Callable) -> pa.Array:
+    """`strings` with `change` applied to the values `mask` selects (usually none)."""
     if not pc.any(mask).as_py():
         return strings
     return pc.replace_with_mask(strings, mask, change(strings.filter(mask)))
@@ -184,10 +192,20 @@ def _python(fast: pa.Array, slow: pa.Array, values: pa.Array, kind: str,
 
 
 def _text(strings: pa.Array) -> pa.Array:
-    """Formulas neutralised, then quoted where CSV needs it (as PostgreSQL's COPY does)."""
-    strings = _where(strings, FORMULA_PATTERN,
-                     lambda s: pc.binary_join_element_wise(APOSTROPHE, s, EMPTY))
-    return _where(strings, NEEDS_QUOTES_PATTERN,
+    """Formulas neutralised, then quoted where CSV needs it (as PostgreSQL's COPY does). Each
+    value's first character is looked up only in a page holding one of the prefixes, and
+    values are matched for quoting only in a page holding a character that needs it: these
+    kernels were most of a page's formatting, and most text columns need neither."""
+    if _holds(strings, FORMULA_CHARS):
+        # Bytes, not characters: a value that is not UTF-8 (SQLite keeps what it is given)
+        # must not fail the page, and every prefix is one byte.
+        first = pc.binary_slice(strings.view(pa.binary()), 0, 1)
+        first = pc.is_in(first, value_set=FORMULA_PREFIXES)
+        strings = _where(strings, first,
+                         lambda s: pc.binary_join_element_wise(APOSTROPHE, s, EMPTY))
+    if not _holds(strings, NEEDS_QUOTES):
+        return strings
+    return _where(strings, pc.match_substring_regex(strings, NEEDS_QUOTES_PATTERN),
                   lambda s: pc.binary_join_element_wise(
                       QUOTE, pc.replace_substring(s, '"', '""'), QUOTE, EMPTY))
 
