@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from datetime import datetime
 from decimal import Decimal
@@ -13,6 +12,7 @@ from sqlalchemy import Connection
 from zlib_ng import zlib_ng
 
 from jobs import pages
+from jobs.behind import OneBehind
 from jobs.checkpoints import Checkpoint, fault, record_checkpoint
 from jobs.csvrows import header
 from jobs.datasets import Dataset, InvalidParams
@@ -146,40 +146,31 @@ GZIP_LEVEL = 3
 
 
 class GzipMembers:
-    """csv.gz's deflate: zlib-ng, in a thread of its own so it runs while the next page is
-    read (it releases the GIL), one page at a time so memory holds two pages at most.
-    `end_member` closes the gzip member (concatenated members are one gzip stream, RFC 1952):
-    the bytes a checkpoint counts are then a whole stream, and a resume appends new members."""
+    """csv.gz's deflate: zlib-ng, one page behind the reading (`jobs.behind`). `end_member`
+    closes the gzip member (concatenated members are one gzip stream, RFC 1952): the bytes a
+    checkpoint counts are then a whole stream, and a resume appends new members."""
 
     def __init__(self, out: Part):
         self._out, self._member = out, None
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="deflate")
-        self._pending: Future | None = None
+        self._behind = OneBehind("deflate")
 
     def write(self, data: bytes | bytearray) -> None:
-        self._wait()
-        self._pending = self._pool.submit(self._deflate, data)
+        self._behind.submit(self._deflate, data)
 
     def _deflate(self, data: bytes | bytearray) -> None:
         if self._member is None:  # wbits 31: gzip framing
             self._member = zlib_ng.compressobj(GZIP_LEVEL, zlib_ng.DEFLATED, 31)
         self._out.write(self._member.compress(data))
 
-    def _wait(self) -> None:
-        """The page in flight written (its error, such as a full disk, raised here)."""
-        pending, self._pending = self._pending, None
-        if pending is not None:
-            pending.result()
-
     def end_member(self) -> None:
-        self._wait()
+        self._behind.wait()
         if self._member is not None:
             self._out.write(self._member.flush())
             self._member = None
 
     def close(self) -> None:
-        """Stop the thread once its page is written: nothing writes `out` after this."""
-        self._pool.shutdown(wait=True)
+        """Nothing writes `out` after this (the page in flight is written first)."""
+        self._behind.close()
 
 
 def _stream_xlsx(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[str, str],

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import re
 import struct
-import threading
 from datetime import datetime
 from typing import BinaryIO
 
@@ -31,6 +30,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 from isal import isal_zlib
 
+from jobs.behind import OneBehind
 from jobs.formats import XLSX_CELLS, XLSX_CUT_MARK, XLSX_MAX_TEXT, TooManyRows
 
 # Arrow's default allocator (mimalloc) keeps what the pages freed: the system's gives it back,
@@ -289,9 +289,8 @@ class ZipStream:
     follow its data (a data descriptor), the central directory comes last. No Zip64: like
     XlsxWriter without `use_zip64`, a file over 4 GiB is refused.
 
-    An entry's data is deflated in a thread of its own while the caller makes the next page
-    (ISA-L and Arrow let go of the GIL): one write in flight at most, so memory holds two
-    pages, and every other write waits for it."""
+    An entry's data is deflated one page behind the caller (`jobs.behind`), so the next page
+    is made meanwhile; every other write waits for it."""
 
     DOS_DATE = (0 << 9) | (1 << 5) | 1  # 1980-01-01, 00:00: the same bytes for the same rows
 
@@ -299,19 +298,14 @@ class ZipStream:
         self.out, self.offset, self.entries = out, 0, []
         self.name, self.start, self.crc, self.size, self.packed = b"", 0, 0, 0, 0
         self.deflate = None
-        self.pending: tuple[threading.Thread, list[BaseException]] | None = None
+        self.behind = OneBehind("xlsx-deflate")
 
     def _write(self, data) -> None:
         self.out.write(data)
         self.offset += len(data)
 
     def wait(self) -> None:
-        """The write in flight done; its error (a full disk) raised here."""
-        if self.pending is not None:
-            (thread, errors), self.pending = self.pending, None
-            thread.join()
-            if errors:
-                raise errors[0]
+        self.behind.wait()
 
     def begin(self, name: str) -> None:
         self.wait()
@@ -327,20 +321,14 @@ class ZipStream:
         if self.size + len(data) >= 1 << 32:
             raise TooManyRows("An xlsx file holds at most 4 GiB of sheet; choose csv or "
                               "csv.gz, or narrow the filters.")
-        errors: list[BaseException] = []
-        thread = threading.Thread(target=self._deflate, args=(data, errors), daemon=True)
-        self.pending = thread, errors
-        thread.start()
+        self.behind.submit(self._deflate, data)
 
-    def _deflate(self, data, errors: list[BaseException]) -> None:
-        try:
-            self.crc = isal_zlib.crc32(data, self.crc)
-            self.size += len(data)
-            packed = self.deflate.compress(data)
-            self.packed += len(packed)
-            self._write(packed)
-        except BaseException as exc:  # raised by `wait`, in the caller's thread
-            errors.append(exc)
+    def _deflate(self, data) -> None:
+        self.crc = isal_zlib.crc32(data, self.crc)
+        self.size += len(data)
+        packed = self.deflate.compress(data)
+        self.packed += len(packed)
+        self._write(packed)
 
     def end(self) -> None:
         self.wait()
@@ -367,6 +355,7 @@ class ZipStream:
                                     start) + name)
         self._write(struct.pack("<4s4H2LH", b"PK\x05\x06", 0, 0, len(self.entries),
                                 len(self.entries), self.offset - directory, directory, 0))
+        self.behind.close()
 
 
 class SheetWriter:
@@ -450,8 +439,7 @@ class SheetWriter:
     def stop(self) -> None:
         """Wait for the write in flight, whatever came of it (`close` still raises its error):
         after an export stops, nothing writes its file."""
-        if self.zip.pending is not None:
-            self.zip.pending[0].join()
+        self.zip.behind.settle()
 
     def close(self) -> None:
         """The end of the sheet (the filter over the header and every row), then the rest of
