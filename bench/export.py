@@ -4,7 +4,7 @@ tutorial pattern (ORM objects, OFFSET pages); peak RSS of the worker by export s
     python bench/export.py                 # 1M rows for speed; RSS at 100k, 1M and 5M
     python bench/export.py --quick         # 200k rows; RSS at 20k, 100k and 200k
     python bench/export.py --rows 5000000 --rss 100000,5000000 --postgres URL
-    python bench/export.py --formats csv   # only csv (default csv,csv.gz; xlsx too if asked)
+    python bench/export.py --formats csv   # only csv (default csv,csv.gz,xlsx)
 
 The reference is the plain command a user would type instead: `sqlite3 -csv -header db "select
 <the columns> … where org_id = … order by id"` or `psql -c "\copy (…) to stdout with (format csv,
@@ -16,11 +16,14 @@ Every export reads a declared dataset (a datasets file, DATASETS_FILE) from a so
 of its own (SOURCE_DATABASE_URL, a copy of the seeded one), as a team's own data is read; the
 database's own tool reads that same source database.
 
-Each timed export runs in a child process; its peak RSS comes from wait4()'s ru_maxrss. The
-peak RSS by size is a real exports consumer's worker process (and its SQLite reader) running
-the job, read from /proc while it runs. The engine
-and the database's own tool run in turns, --repeat times each (default 3), and each reports
-its best time: this machine's speed drifts during a run, and turns expose both to the drift.
+Each export is a job sent, as the web app sends it, to a real `flask worker exports` (one worker
+process), with checkpoints, progress, publish and the owner's email on; its time is the job's
+own, from `started_at` (claimed) to `finished_at` (published), and its peak RSS the worker's
+high-water mark so far (the reader's too: an SQLite export whose values are not canonical has
+one). The tool's time is its process's, from start to exit. The engine and the tool run in
+turns, --repeat times each (default 3), and each reports its best time: this machine's speed
+drifts during a run, and turns expose both to the drift. The peak RSS by size is measured
+apart, on a worker of its own per export, read from /proc while it runs.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 
@@ -182,15 +186,15 @@ def best_of(repeat: int, *runs: Callable[[], Run]) -> list[Run]:
              seen[-1][3]) for seen in results]
 
 
-def child(kind: str, out: str, fmt: str = "csv") -> None:
-    """Run one export in this process (called as a child by the parent). On SQLite the
-    engine reads through a reader process (jobs.sqlite_reader): its peak RSS is reported too."""
+def tutorial(out: str) -> None:
+    """The tutorial pattern in this process (a child of the parent), timed without the
+    interpreter's start-up."""
     from webapp import create_app
 
     app = create_app()
     started = time.perf_counter()
     with app.app_context():
-        _export(app, kind, out, fmt)
+        _tutorial(out)
     Path(out + ".json").write_text(json.dumps({
         "seconds": time.perf_counter() - started,
         "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -285,26 +289,67 @@ def worker_rss(inst: Path, env: dict, me: list[str], fmt: str) -> tuple[int, int
     return worker, reader
 
 
-def _export(app, kind: str, out: str, fmt: str) -> None:
-    from jobs.models import ExportJob, db
+class Consumer:
+    """A real `flask worker exports` (one worker process) that the speed runs send jobs to."""
+
+    def __init__(self, inst: Path, env: dict, me: list[str]):
+        from sqlalchemy import create_engine
+
+        self.inst, self.me, self.env = inst, me, {**env, "LANE_EXPORTS_WORKERS": "1"}
+        self.process = subprocess.Popen([sys.executable, "-m", "flask", "worker", "exports"],
+                                        cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL, start_new_session=True)
+        self.database = create_engine(env["DATABASE_URL"])
+        self.worker = self.reader = 0  # peak RSS so far
+
+    def run(self, fmt: str) -> Run:
+        """One export: the job's own seconds, the worker's (and reader's) peak RSS so far,
+        and the file's size."""
+        from sqlalchemy import text
+
+        job_id = int(subprocess.run([*self.me, "--child", "submit", "--format", fmt], cwd=ROOT,
+                                    env=self.env, check=True, capture_output=True,
+                                    text=True).stdout)
+        deadline, pid = time.monotonic() + 1800, None
+        while time.monotonic() < deadline:
+            with self.database.connect() as conn:
+                state, started, finished, name, claim = conn.execute(text(
+                    "select state, started_at, finished_at, file_name, claimed_by "
+                    "from export_jobs where id = :id"), {"id": job_id}).one()
+            if state in ("succeeded", "failed", "cancelled"):
+                break
+            pid = pid or (claim and int(claim.split(":")[-1].split("#")[0]))
+            if pid:
+                self.worker = max(self.worker, _peak_rss(pid))
+                for child_pid in _children(pid):
+                    self.reader = max(self.reader, _peak_rss(child_pid))
+            time.sleep(0.01)
+        if state != "succeeded":
+            raise RuntimeError(f"export {job_id} ended {state}")
+        if pid:
+            self.worker = max(self.worker, _peak_rss(pid))
+        seconds = (_moment(finished) - _moment(started)).total_seconds()
+        return seconds, self.worker, self.reader, (self.inst / "exports" / name).stat().st_size
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGINT)
+        self.process.wait(60)
+        self.database.dispose()
+
+
+def _moment(value: object) -> datetime:
+    """A timestamp as the database driver returns it (SQLite's as text)."""
+    return value if isinstance(value, datetime) else datetime.fromisoformat(str(value))
+
+
+def _tutorial(out: str) -> None:
+    """ORM objects, csv.writer, OFFSET pages."""
+    import csv
+
+    from jobs.models import Transaction, db
     from webapp.auth import find_user
 
     user = find_user(USER)
-    if kind == "engine":  # the real thing: job row, checkpoints, progress, publish
-        from jobs import engine
-
-        job = ExportJob(user=user, org_id=user.org_id, dataset=DATASET, params={},
-                        format=fmt)
-        db.session.add(job)
-        db.session.commit()
-        engine.run(job.id, max_attempts=1)
-        db.session.refresh(job)
-        assert job.state == "succeeded", job.error
-        shutil.move(Path(app.config["EXPORT_DIR"]) / job.file_name, out)
-        return
-    import csv  # the tutorial pattern: ORM objects, csv.writer, OFFSET pages
-
-    from jobs.models import Transaction
 
     with open(out, "w", newline="", encoding="utf-8") as fh:
         writer = csv.writer(fh)
@@ -344,14 +389,22 @@ TARGETS = {"SQLite": 1.5, "PostgreSQL": 1.2}  # csv: at least this times the pla
 
 def speed(database: str, formats: list[str], me: list[str], inst: Path, env: dict, rows: int,
           repeat: int, tool: str, plain: list[str], formatted: list[str]) -> list[Row]:
-    """The engine in each format and the plain tool (csv, and piped into gzip -6 for csv.gz),
-    then the tool on the formatting query, all in turns."""
+    """The engine in each format (jobs sent to a real consumer) and the plain tool (csv, and
+    piped into gzip -6 for csv.gz), then the tool on the formatting query, all in turns."""
+    consumer = Consumer(inst, env, me)
+    try:
+        return _speed(consumer, database, formats, inst, env, rows, repeat, tool, plain,
+                      formatted)
+    finally:
+        consumer.stop()
+
+
+def _speed(consumer: Consumer, database: str, formats: list[str], inst: Path, env: dict,
+           rows: int, repeat: int, tool: str, plain: list[str],
+           formatted: list[str]) -> list[Row]:
     runs: list[tuple[str, str, Callable[[], Run]]] = []
     for fmt in formats:
-        out = inst / f"e.{fmt}"
-        engine = [*me, "--child", "engine", "--format", fmt, "--out", str(out)]
-        runs.append((fmt, ENGINE, partial(measure, engine, env, inst / "stdout",
-                                          Path(f"{out}.json"))))
+        runs.append((fmt, ENGINE, partial(consumer.run, fmt)))
     runs.append(("csv", f"{tool} (plain)", partial(measure, plain, env, inst / "plain.csv")))
     if "csv.gz" in formats:
         piped = ["sh", "-c", f"{shlex.join(plain)} | gzip -6"]
@@ -368,7 +421,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows for the speed runs")
     parser.add_argument("--rss", default="100000,1000000,5000000", help="sizes for peak RSS")
-    parser.add_argument("--formats", default="csv,csv.gz",
+    parser.add_argument("--formats", default="csv,csv.gz,xlsx",
                         help="formats to run, of csv, csv.gz, xlsx (xlsx: against the csv tool)")
     parser.add_argument("--floor-rows", type=int, default=200_000,
                         help="rows for the tutorial pattern (OFFSET is quadratic)")
@@ -377,7 +430,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of the engine and of the reference tool, in turns (best)")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--child", choices=["engine", "tutorial", "submit"],
+    parser.add_argument("--child", choices=["tutorial", "submit"],
                         help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--format", default="csv", help=argparse.SUPPRESS)
@@ -385,8 +438,8 @@ def main() -> None:
     if args.child == "submit":
         submit(args.format)
         return
-    if args.child:
-        child(args.child, args.out, args.format)
+    if args.child == "tutorial":
+        tutorial(args.out)
         return
     if args.quick:
         args.rows, args.rss, args.floor_rows = 200_000, "20000,100000,200000", 50_000

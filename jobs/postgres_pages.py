@@ -36,6 +36,8 @@ from sqlalchemy import exc as sa_exc
 from jobs.csvrows import FORMULA_PREFIXES, Batch
 from jobs.datasets import Column, Dataset
 
+FORMULA_CODES = [ord(prefix) for prefix in FORMULA_PREFIXES]
+
 
 def copy_query(dataset: Dataset, org_key: str | None, params: dict[str, str], after: object,
                size: int | None) -> Select:
@@ -65,8 +67,10 @@ def _pg_text(col: ColumnElement, column: Column) -> ColumnElement:
         value = cast(cast(col, Boolean), Text)
     else:  # empty text as NULL, so COPY writes an empty field (not "") as SQLite's path does
         col = cast(col, Text)  # bytea, json and arrays as PostgreSQL prints them
-        value = func.nullif(case((func.substr(col, 1, 1).in_(FORMULA_PREFIXES),
-                                  literal("'") + col), else_=col), "")
+        # The first character's code, not substr() IN (…): a comparison of integers, which
+        # costs the server next to nothing, where six text comparisons cost a third of a page.
+        value = case((func.ascii(col).in_(FORMULA_CODES), literal("'") + col),
+                     else_=func.nullif(col, ""))
     return value.label(column.name)
 
 

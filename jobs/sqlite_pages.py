@@ -1,8 +1,11 @@
-"""SQLite's pages as CSV, read and formatted with Arrow by a reader process (jobs.sqlite_reader).
+"""SQLite's pages as CSV: by jobs._fastcsv in C while their values are canonical, else read and
+formatted with Arrow by a reader process (jobs.sqlite_reader), which knows every other value.
 
-The reader is a process of its own because ADBC links its own copy of SQLite, and two copies in
-one process undo each other's POSIX locks (see jobs.sqlite_reader). Literal values in the SQL
-are validated server-side parameters (integers, ISO dates, fixed choices), rendered by
+jobs._fastcsv links the SQLite library this process already uses and runs here, in a thread,
+without the GIL. The Arrow reader is a process of its own because ADBC links its own copy of
+SQLite, and two copies in one process undo each other's POSIX locks (see jobs.sqlite_reader).
+Both write the same bytes for a canonical value (tests/test_fast_csv.py). Literal values in the
+SQL are validated server-side parameters (integers, ISO dates, fixed choices), rendered by
 SQLAlchemy; the key after which a page starts is bound by the reader (`?`).
 """
 
@@ -14,8 +17,9 @@ import select
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from urllib.parse import quote
 
 from sqlalchemy import (
     ColumnElement,
@@ -34,6 +38,11 @@ from jobs import source
 from jobs.csvrows import BadValue, Batch
 from jobs.datasets import Dataset
 from jobs.readahead import read_ahead
+
+try:
+    from jobs import _fastcsv
+except ImportError:  # built without a C compiler or SQLite's headers (pyproject.toml)
+    _fastcsv = None
 
 FRAME = struct.Struct("<qqq")  # the reader's header before each page: rows, last key, bytes
 BAD_VALUE = 3  # the reader's exit status when a stored value is not what its kind says
@@ -78,6 +87,74 @@ def _bad_value(dataset: Dataset) -> ColumnElement | None:
 
 def pages(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[str, str],
           after: object, size: int) -> Iterator[Batch]:
+    """The pages from jobs._fastcsv, and from the first it cannot write on, from the Arrow
+    reader process."""
+    if _fastcsv is not None:
+        done, after = yield from _fast_pages(conn, dataset, org_key, params, after, size)
+        if done:
+            return
+    yield from _arrow_pages(conn, dataset, org_key, params, after, size)
+
+
+def _fast_pages(conn: Connection, dataset: Dataset, org_key: str | None,
+                params: dict[str, str], after: object,
+                size: int) -> Generator[Batch, None, tuple[bool, object]]:
+    """Pages written by jobs._fastcsv, read ahead in a thread; returns (True, None) after the
+    last, or (False, key) when the page after `key` holds a value it does not write."""
+    key = dataset.table.c[dataset.key]
+    columns = [key, *(dataset.table.c[c.name] for c in dataset.columns)]
+
+    def page(after: object) -> str:
+        return _sql(conn, dataset.batch(org_key, params, after, size).with_only_columns(
+            *columns, maintain_column_froms=True))
+
+    first = page(None)
+    source.check_sqlite(conn, first)  # refused here if it would do more than read
+    limit = source.timeout()
+    try:
+        reader = _fastcsv.Reader(_uri(conn), first, page(literal_column("?")),
+                                 tuple(c.kind for c in dataset.columns),
+                                 tuple(c.scale for c in dataset.columns), limit)
+    except RuntimeError as exc:  # SQLite's error
+        raise ReadFailed(str(exc)) from None
+    stopped: tuple[bool, object] = (True, None)
+
+    def fetch(after: object) -> tuple[Batch, object] | None:
+        nonlocal stopped
+        try:
+            got = reader.page(after)
+        except TimeoutError:
+            raise source.StatementTimeout(_too_long(limit)) from None
+        except RuntimeError as exc:
+            raise ReadFailed(str(exc)) from None
+        if got is False:
+            stopped = (False, after)
+        if not got:
+            return None
+        data, rows, last_key = got
+        return Batch(data, rows, last_key), last_key
+
+    received = read_ahead(fetch, after)
+    try:
+        for batch in received:  # noqa: UP028 (closed here, before the reader, not by `yield from`)
+            yield batch
+    finally:
+        received.close()  # the page being read is done
+        reader.close()
+    return stopped
+
+
+def _uri(conn: Connection) -> str:
+    """The source database, read-only."""
+    return f"file:{quote(conn.engine.url.database)}?mode=ro"
+
+
+def _too_long(limit: float) -> str:
+    return f"A page took longer than the source database's statement timeout ({limit:g} s)"
+
+
+def _arrow_pages(conn: Connection, dataset: Dataset, org_key: str | None,
+                 params: dict[str, str], after: object, size: int) -> Iterator[Batch]:
     """The pages as the reader process sends them; ReadFailed with its last line of error
     when it stops with one. Closing the iterator early kills the reader."""
     table = dataset.table
@@ -95,7 +172,7 @@ def pages(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[
            for read, exact in (("as_stored", False), ("exact", True))}
     for first, _ in sql.values():
         source.check_sqlite(conn, first)  # refused here if it would do more than read
-    spec = {"database": conn.engine.url.database, "size": size, "after": after,
+    spec = {"database": _uri(conn), "size": size, "after": after,
             "frame": FRAME.format, "sql": sql,
             "columns": [{"kind": c.kind, "scale": c.scale, "name": c.name}
                         for c in dataset.columns],
@@ -142,8 +219,7 @@ def _read(pipe, size: int, limit: float) -> bytes:
     chunks, wanted = [], size
     while wanted:
         if not select.select([pipe], [], [], limit)[0]:
-            raise source.StatementTimeout(
-                f"A page took longer than the source database's statement timeout ({limit:g} s)")
+            raise source.StatementTimeout(_too_long(limit))
         chunk = os.read(pipe.fileno(), min(wanted, 1 << 20))
         if not chunk:
             break

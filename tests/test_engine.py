@@ -12,7 +12,7 @@ from conftest import login, run_inline
 from expected import expected_rows
 from sqlalchemy import create_engine, text
 
-from jobs import pages
+from jobs import pages, sqlite_pages
 from jobs.csvrows import header
 from jobs.dataset_file import load as load_datasets
 from jobs.sqlite_pages import ReadFailed
@@ -69,10 +69,13 @@ def test_unknown_dataset_fails_for_good_with_a_reason(app):
 
 
 
-def test_a_failing_sqlite_reader_raises_its_error(app, tmp_path):
-    """The SQLite pages come from a reader process: its error reaches the attempt. (The
-    statement is prepared here first, on a database that has the table; the reader is
-    pointed at a file that is gone.)"""
+@pytest.mark.parametrize("fast", [True, False])
+def test_a_failing_sqlite_reader_raises_its_error(app, tmp_path, monkeypatch, fast):
+    """The SQLite pages come from jobs._fastcsv or a reader process: either's error reaches
+    the attempt. (The statement is prepared here first, on a database that has the table; the
+    reader is pointed at a file that is gone.)"""
+    if not fast:
+        monkeypatch.setattr(sqlite_pages, "_fastcsv", None)
     real = tmp_path / "real.db"
     with sqlite3.connect(real) as db_file:
         db_file.execute("create table orders (id integer primary key, org_id, created_at, "
@@ -80,7 +83,7 @@ def test_a_failing_sqlite_reader_raises_its_error(app, tmp_path):
     gone = create_engine(f"sqlite:///{tmp_path / 'gone.db'}",
                          creator=lambda: sqlite3.connect(real))
     with app.app_context(), gone.connect() as conn:
-        with pytest.raises(ReadFailed, match="failed to open"):
+        with pytest.raises(ReadFailed, match="unable to open|failed to open"):
             list(pages.pages(conn, DATASETS["orders"], 1, {}, None, 10))
 
 

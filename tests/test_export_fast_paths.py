@@ -150,6 +150,7 @@ def test_closing_sqlite_pages_early_stops_the_reader_at_once(app, monkeypatch):
     page under way: the reader is killed first, and nothing reads its pipe afterwards."""
     from jobs import pages, sqlite_pages
 
+    monkeypatch.setattr(sqlite_pages, "_fastcsv", None)  # the Arrow reader's process
     started = []
     popen = sqlite_pages.subprocess.Popen
 

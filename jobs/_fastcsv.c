@@ -1,0 +1,464 @@
+/* An SQLite export's pages as CSV, straight from SQLite's C API (used by jobs.sqlite_pages).
+
+   Only for values already in their canonical form: integers, 0 and 1 as booleans, text that is
+   valid UTF-8 without NUL, ISO dates and date-times with a valid calendar, floats and integers
+   of a decimal with a scale of 0 to 6 that round without doubt. It writes the very bytes the
+   Arrow reader (jobs.sqlite_reader) writes for them; a page holding any other value is refused
+   whole (`page` returns False) and the caller reads it the Arrow way, which knows the rest.
+
+   It links the same SQLite library as Python's sqlite3 module (one copy per process: POSIX
+   locks stay sound, unlike with a second copy), opens the file read-only, and lets go of the
+   GIL while it reads and formats a page. */
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+#include <sqlite3.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+
+enum kind { K_INT, K_TEXT, K_DATE, K_DATETIME, K_BOOL, K_DECIMAL };
+
+typedef struct {
+    char *data;
+    size_t len, cap;
+} Buf;
+
+typedef struct {
+    PyObject_HEAD
+    sqlite3 *db;
+    sqlite3_stmt *first; /* the first page */
+    sqlite3_stmt *after; /* a page after the key bound to ?1 */
+    int columns;         /* exported columns, after the key (result column 0) */
+    int *kinds;
+    int *scales;         /* -1: none */
+    double limit;        /* seconds a page may take */
+    double deadline;
+    Buf page;            /* kept from page to page: no new memory to fault in for each */
+} Reader;
+
+static int grow(Buf *b, size_t more) {
+    if (b->len + more <= b->cap) return 0;
+    size_t cap = b->cap ? b->cap : 1 << 20;
+    while (cap < b->len + more) cap *= 2;
+    char *data = realloc(b->data, cap);
+    if (!data) return -1;
+    b->data = data;
+    b->cap = cap;
+    return 0;
+}
+
+#define PUT(b, c) ((b)->data[(b)->len++] = (c))
+
+static void put_digits(Buf *b, uint64_t v) {
+    char tmp[24];
+    int n = 0;
+    do {
+        tmp[n++] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v);
+    while (n) PUT(b, tmp[--n]);
+}
+
+static void put_int(Buf *b, int64_t v) {
+    if (v < 0) {
+        PUT(b, '-');
+        put_digits(b, (uint64_t)0 - (uint64_t)v);
+    } else {
+        put_digits(b, (uint64_t)v);
+    }
+}
+
+/* What a text byte asks for: 0 nothing, 1 quoting (" , CR LF), 2 refusal (NUL), 3 a UTF-8
+   sequence to check. */
+static unsigned char byte_class[256];
+static unsigned char formula_prefix[256]; /* jobs.csvrows.FORMULA_PREFIXES */
+
+static void init_classes(void) {
+    byte_class['"'] = byte_class[','] = byte_class['\r'] = byte_class['\n'] = 1;
+    byte_class[0] = 2;
+    for (int c = 0x80; c < 256; c++) byte_class[c] = 3;
+    for (const char *c = "=+-@\t\r"; *c; c++) formula_prefix[(unsigned char)*c] = 1;
+}
+
+/* The length of the valid UTF-8 sequence at s (n bytes left), 0 if it is not one (RFC 3629:
+   no overlong forms, no surrogates, nothing past U+10FFFF). */
+static int utf8_length(const unsigned char *s, size_t n) {
+    unsigned char c = s[0];
+    if (c >= 0xC2 && c <= 0xDF) return n >= 2 && (s[1] & 0xC0) == 0x80 ? 2 : 0;
+    if (c >= 0xE0 && c <= 0xEF) {
+        if (n < 3 || (s[1] & 0xC0) != 0x80 || (s[2] & 0xC0) != 0x80) return 0;
+        if (c == 0xE0 && s[1] < 0xA0) return 0;
+        if (c == 0xED && s[1] > 0x9F) return 0;
+        return 3;
+    }
+    if (c >= 0xF0 && c <= 0xF4) {
+        if (n < 4 || (s[1] & 0xC0) != 0x80 || (s[2] & 0xC0) != 0x80 || (s[3] & 0xC0) != 0x80)
+            return 0;
+        if (c == 0xF0 && s[1] < 0x90) return 0;
+        if (c == 0xF4 && s[1] > 0x8F) return 0;
+        return 4;
+    }
+    return 0;
+}
+
+/* Text neutralised (a formula prefix gets an apostrophe) and quoted where CSV needs it, as
+   jobs.sqlite_reader._text; -1 for text it refuses. */
+static const uint64_t ONES = 0x0101010101010101ULL, HIGHS = 0x8080808080808080ULL;
+
+/* Whether any of the 8 bytes of v is b (a SWAR test: true only for a byte equal to b). */
+static inline uint64_t has_byte(uint64_t v, unsigned char b) {
+    uint64_t x = v ^ (ONES * b);
+    return (x - ONES) & ~x & HIGHS;
+}
+
+/* Whether 8 bytes are plain: ASCII with nothing to quote and no NUL. */
+static inline int plain_word(const unsigned char *s) {
+    uint64_t v;
+    memcpy(&v, s, 8);
+    return !((v & HIGHS) | has_byte(v, '"') | has_byte(v, ',') | has_byte(v, '\r') |
+             has_byte(v, '\n') | has_byte(v, 0));
+}
+
+/* Text neutralised (a formula prefix gets an apostrophe) and quoted where CSV needs it, as
+   jobs.sqlite_reader._text; -1 for text it refuses. */
+static int put_text(Buf *b, const unsigned char *s, size_t n) {
+    int quote = 0;
+    for (size_t i = 0; i < n;) {
+        if (i + 8 <= n && plain_word(s + i)) {
+            i += 8;
+            continue;
+        }
+        switch (byte_class[s[i]]) {
+        case 0: i++; break;
+        case 1: quote = 1; i++; break;
+        case 2: return -1;
+        default: {
+            int len = utf8_length(s + i, n - i);
+            if (!len) return -1;
+            i += len;
+        }
+        }
+    }
+    if (grow(b, 2 * n + 3)) return -2;
+    if (quote) PUT(b, '"');
+    if (n && formula_prefix[s[0]]) PUT(b, '\'');
+    if (quote) {
+        for (size_t i = 0; i < n; i++) {
+            if (s[i] == '"') PUT(b, '"');
+            PUT(b, (char)s[i]);
+        }
+        PUT(b, '"');
+    } else {
+        memcpy(b->data + b->len, s, n);
+        b->len += n;
+    }
+    return 0;
+}
+
+static int digits(const unsigned char *s, int n) {
+    int v = 0;
+    for (int i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9') return -1;
+        v = v * 10 + (s[i] - '0');
+    }
+    return v;
+}
+
+/* Whether s starts with a valid YYYY-MM-DD from year 1. */
+static int valid_date(const unsigned char *s) {
+    static const int days[] = {31, 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31};
+    int year = digits(s, 4), month = digits(s + 5, 2), day = digits(s + 8, 2);
+    if (year < 1 || s[4] != '-' || s[7] != '-' || month < 1 || month > 12 || day < 1) return 0;
+    int leap = (year % 4 == 0 && year % 100 != 0) || year % 400 == 0;
+    return day <= days[month - 1] + (month == 2 && leap);
+}
+
+/* A date-time as YYYY-MM-DD[ T]HH:MM:SS[.f{1,6}], written cut to the second with a space. */
+static int put_datetime(Buf *b, const unsigned char *s, size_t n) {
+    if (n < 19 || !valid_date(s) || (s[10] != ' ' && s[10] != 'T') || s[13] != ':' ||
+        s[16] != ':')
+        return -1;
+    int hour = digits(s + 11, 2), minute = digits(s + 14, 2), second = digits(s + 17, 2);
+    if (hour < 0 || hour > 23 || minute < 0 || minute > 59 || second < 0 || second > 59)
+        return -1;
+    if (n > 19 && (s[19] != '.' || n < 21 || n > 26 || digits(s + 20, (int)n - 20) < 0))
+        return -1;
+    if (grow(b, 19)) return -2;
+    memcpy(b->data + b->len, s, 10);
+    b->data[b->len + 10] = ' ';
+    memcpy(b->data + b->len + 11, s + 11, 8);
+    b->len += 19;
+    return 0;
+}
+
+static const double POWERS[] = {1, 10, 100, 1e3, 1e4, 1e5, 1e6};
+static const uint64_t UNITS[] = {1, 10, 100, 1000, 10000, 100000, 1000000};
+
+/* A decimal's float as jobs.sqlite_reader._float writes it with a scale: only where it rounds
+   without doubt (under 10^14 units of its last place, and not near a tie: there, Python rounds
+   it as PostgreSQL does). */
+static int put_float(Buf *b, double x, int scale) {
+    double units = fabs(x * POWERS[scale]);
+    if (!(units < 1e14)) return -1; /* also NaN */
+    double from_tie = fabs((units - floor(units)) - 0.5);
+    if (!(from_tie > units * 1e-14)) return -1;
+    uint64_t rounded = (uint64_t)floor(units + 0.5);
+    if (grow(b, 32)) return -2;
+    if (x < 0 && rounded) PUT(b, '-');
+    put_digits(b, rounded / UNITS[scale]);
+    if (scale) {
+        PUT(b, '.');
+        uint64_t fraction = rounded % UNITS[scale];
+        for (int i = scale - 1; i >= 0; i--) {
+            b->data[b->len + i] = (char)('0' + fraction % 10);
+            fraction /= 10;
+        }
+        b->len += scale;
+    }
+    return 0;
+}
+
+/* A row's fields; -1 when a value is not one this writes, -2 when memory runs out. */
+static int put_row(Reader *r, sqlite3_stmt *st, Buf *b) {
+    for (int i = 0; i < r->columns; i++) {
+        int col = i + 1, type = sqlite3_column_type(st, col);
+        if (grow(b, 32)) return -2;
+        if (i) PUT(b, ',');
+        if (type == SQLITE_NULL) continue;
+        int kind = r->kinds[i], done = 0;
+        switch (kind) {
+        case K_INT:
+            if (type != SQLITE_INTEGER) return -1;
+            put_int(b, sqlite3_column_int64(st, col));
+            break;
+        case K_BOOL: {
+            if (type != SQLITE_INTEGER) return -1;
+            sqlite3_int64 v = sqlite3_column_int64(st, col);
+            if (v != 0 && v != 1) return -1;
+            memcpy(b->data + b->len, v ? "true" : "false", v ? 4 : 5);
+            b->len += v ? 4 : 5;
+            break;
+        }
+        case K_DECIMAL: {
+            int scale = r->scales[i];
+            if (scale < 0 || scale > 6) return -1;
+            if (type == SQLITE_FLOAT) {
+                done = put_float(b, sqlite3_column_double(st, col), scale);
+            } else if (type == SQLITE_INTEGER) {
+                sqlite3_int64 v = sqlite3_column_int64(st, col);
+                if (!(fabs((double)v) * POWERS[scale] < 1e14)) return -1;
+                put_int(b, v);
+                if (scale) {
+                    PUT(b, '.');
+                    memset(b->data + b->len, '0', scale);
+                    b->len += scale;
+                }
+            } else {
+                return -1;
+            }
+            break;
+        }
+        default: {
+            if (type != SQLITE_TEXT) return -1;
+            const unsigned char *s = sqlite3_column_text(st, col);
+            size_t n = (size_t)sqlite3_column_bytes(st, col);
+            if (!s) return -2;
+            if (kind == K_TEXT) {
+                done = put_text(b, s, n);
+            } else if (kind == K_DATETIME) {
+                done = put_datetime(b, s, n);
+            } else {
+                if (n != 10 || !valid_date(s)) return -1;
+                if (grow(b, 10)) return -2;
+                memcpy(b->data + b->len, s, 10);
+                b->len += 10;
+            }
+        }
+        }
+        if (done) return done;
+    }
+    if (grow(b, 1)) return -2;
+    PUT(b, '\n');
+    return 0;
+}
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+static int past_deadline(void *reader) {
+    return now() > ((Reader *)reader)->deadline;
+}
+
+static PyObject *NotFast; /* a singleton False, returned for a page this does not write */
+
+/* page(after) -> (csv bytes, rows, last key) | None after the last row | False */
+static PyObject *Reader_page(Reader *r, PyObject *args) {
+    PyObject *after;
+    if (!PyArg_ParseTuple(args, "O", &after)) return NULL;
+    if (!r->db) {
+        PyErr_SetString(PyExc_ValueError, "the reader is closed");
+        return NULL;
+    }
+    sqlite3_stmt *st = r->first;
+    if (after != Py_None) {
+        long long key = PyLong_AsLongLong(after);
+        if (key == -1 && PyErr_Occurred()) return NULL;
+        st = r->after;
+        sqlite3_bind_int64(st, 1, key);
+    }
+    Buf *b = &r->page;
+    b->len = 0;
+    int rows = 0, status = 0, rc;
+    sqlite3_int64 last = 0;
+    Py_BEGIN_ALLOW_THREADS
+    r->deadline = now() + r->limit;
+    while ((rc = sqlite3_step(st)) == SQLITE_ROW) {
+        if (sqlite3_column_type(st, 0) != SQLITE_INTEGER) {
+            status = -1;
+            break;
+        }
+        if ((status = put_row(r, st, b))) break;
+        last = sqlite3_column_int64(st, 0);
+        rows++;
+    }
+    sqlite3_reset(st);
+    Py_END_ALLOW_THREADS
+    PyObject *result = NULL;
+    if (status == -2) {
+        PyErr_NoMemory();
+    } else if (status == -1) {
+        result = Py_NewRef(NotFast);
+    } else if (rc == SQLITE_INTERRUPT) {
+        PyErr_Format(PyExc_TimeoutError, "a page took longer than %g s", r->limit);
+    } else if (rc != SQLITE_DONE) {
+        PyErr_SetString(PyExc_RuntimeError, sqlite3_errmsg(r->db));
+    } else if (!rows) {
+        result = Py_NewRef(Py_None);
+    } else {
+        result = Py_BuildValue("(y#iL)", b->data, (Py_ssize_t)b->len, rows, (long long)last);
+    }
+    return result;
+}
+
+static void close_reader(Reader *r) {
+    sqlite3_finalize(r->first);
+    sqlite3_finalize(r->after);
+    sqlite3_close(r->db);
+    r->first = r->after = NULL;
+    r->db = NULL;
+    free(r->page.data);
+    r->page = (Buf){0};
+}
+
+static PyObject *Reader_close(Reader *r, PyObject *Py_UNUSED(ignored)) {
+    close_reader(r);
+    Py_RETURN_NONE;
+}
+
+static const char *KINDS[] = {"int", "text", "date", "datetime", "bool", "decimal"};
+
+/* Reader(uri, first_sql, after_sql, kinds, scales, limit) */
+static int Reader_init(Reader *r, PyObject *args, PyObject *kwds) {
+    const char *uri, *first, *after;
+    PyObject *kinds, *scales;
+    double limit;
+    if (!PyArg_ParseTuple(args, "sssO!O!d", &uri, &first, &after, &PyTuple_Type, &kinds,
+                          &PyTuple_Type, &scales, &limit))
+        return -1;
+    int n = (int)PyTuple_GET_SIZE(kinds);
+    if (PyTuple_GET_SIZE(scales) != n) {
+        PyErr_SetString(PyExc_ValueError, "one scale per kind");
+        return -1;
+    }
+    close_reader(r);
+    PyMem_Free(r->kinds);
+    PyMem_Free(r->scales);
+    r->kinds = PyMem_New(int, n ? n : 1);
+    r->scales = PyMem_New(int, n ? n : 1);
+    if (!r->kinds || !r->scales) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        const char *kind = PyUnicode_AsUTF8(PyTuple_GET_ITEM(kinds, i));
+        if (!kind) return -1;
+        r->kinds[i] = -1;
+        for (int k = 0; k < (int)(sizeof KINDS / sizeof *KINDS); k++)
+            if (!strcmp(kind, KINDS[k])) r->kinds[i] = k;
+        if (r->kinds[i] < 0) {
+            PyErr_Format(PyExc_ValueError, "no kind %s", kind);
+            return -1;
+        }
+        PyObject *scale = PyTuple_GET_ITEM(scales, i);
+        r->scales[i] = scale == Py_None ? -1 : (int)PyLong_AsLong(scale);
+        if (PyErr_Occurred()) return -1;
+    }
+    r->columns = n;
+    r->limit = limit;
+    int flags = SQLITE_OPEN_READONLY | SQLITE_OPEN_URI | SQLITE_OPEN_NOMUTEX;
+    if (sqlite3_open_v2(uri, &r->db, flags, NULL) != SQLITE_OK ||
+        sqlite3_prepare_v2(r->db, first, -1, &r->first, NULL) != SQLITE_OK ||
+        sqlite3_prepare_v2(r->db, after, -1, &r->after, NULL) != SQLITE_OK) {
+        PyErr_SetString(PyExc_RuntimeError, r->db ? sqlite3_errmsg(r->db) : "out of memory");
+        close_reader(r);
+        return -1;
+    }
+    if (sqlite3_column_count(r->first) != n + 1 || sqlite3_column_count(r->after) != n + 1) {
+        PyErr_SetString(PyExc_ValueError, "the SQL selects the key and then one column per kind");
+        close_reader(r);
+        return -1;
+    }
+    sqlite3_progress_handler(r->db, 4000, past_deadline, r);
+    return 0;
+}
+
+static void Reader_dealloc(Reader *r) {
+    close_reader(r);
+    PyMem_Free(r->kinds);
+    PyMem_Free(r->scales);
+    Py_TYPE(r)->tp_free((PyObject *)r);
+}
+
+static PyMethodDef Reader_methods[] = {
+    {"page", (PyCFunction)Reader_page, METH_VARARGS,
+     "page(after) -> (CSV bytes, rows, last key), None after the last row, or False for a "
+     "page holding a value only the Arrow reader writes"},
+    {"close", (PyCFunction)Reader_close, METH_NOARGS, "Close the database."},
+    {NULL},
+};
+
+static PyTypeObject ReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "jobs._fastcsv.Reader",
+    .tp_doc = "Reader(uri, first_sql, after_sql, kinds, scales, limit): CSV pages of an "
+              "SQLite query, the key first, then one column per kind.",
+    .tp_basicsize = sizeof(Reader),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Reader_init,
+    .tp_dealloc = (destructor)Reader_dealloc,
+    .tp_methods = Reader_methods,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "jobs._fastcsv",
+    "An SQLite query's canonical values as CSV pages, in C.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__fastcsv(void) {
+    init_classes();
+    NotFast = Py_False;
+    if (PyType_Ready(&ReaderType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (!m) return NULL;
+    if (PyModule_AddObjectRef(m, "Reader", (PyObject *)&ReaderType) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

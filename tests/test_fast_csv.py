@@ -1,0 +1,149 @@
+"""SQLite's fast path (jobs/_fastcsv.c, issue 19): canonical values as CSV straight from SQLite's
+C API. It must write the very bytes of the Arrow reader (jobs.sqlite_reader) for every value it
+takes, hand every other page to that reader, and stop reading at once when closed."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+from conftest import require
+from sqlalchemy import create_engine
+
+from jobs import sqlite_pages
+from jobs.dataset_file import load
+
+COLUMNS = {"i": "int", "b": "bool", "d2": "decimal", "d0": "decimal", "d6": "decimal",
+           "dn": "decimal", "t": "text", "dt": "datetime", "dd": "date"}
+SCALES = {"d2": 2, "d0": 0, "d6": 6}
+TEXTS = ["", "plain", "EUR", "a,b", 'said "hi"', "line\nbreak", "cr\rhere", "=1+2", "+1", "-12",
+         "@SUM(A1)", "\tx", "\rx", "a=b", "x-y", "café", "😀 emoji", "naïve, \"quoted\"",
+         '=HYPERLINK("http://evil.test","click")', "long text without anything to quote at all",
+         "sixteen bytes!!,", "quote after eight bytes: \"", "ends in a newline\n", "€,€"]
+
+
+@pytest.fixture(autouse=True)
+def built():
+    if sqlite_pages._fastcsv is None:
+        require("jobs._fastcsv", "the C extension `pip install -e .` builds (a C compiler and "
+                "SQLite's headers)")
+
+
+def _canonical(rnd: random.Random) -> dict[str, object]:
+    """A row of values the fast path writes: in their canonical form, none near a tie."""
+    def maybe(value: object) -> object:
+        return None if rnd.random() < 0.08 else value
+
+    year = rnd.choice([1, 999, 1900, 2000, 2024, 2026, 9999])
+    month, day = rnd.randint(1, 12), rnd.randint(1, 28)
+    if rnd.random() < 0.05:
+        year, month, day = 2024, 2, 29
+    date = f"{year:04d}-{month:02d}-{day:02d}"
+    clock = f"{rnd.randint(0, 23):02d}:{rnd.randint(0, 59):02d}:{rnd.randint(0, 59):02d}"
+    fraction = rnd.choice(["", ".5", ".000000", ".123456", ".999999", ".25"])
+    return {
+        "i": maybe(rnd.choice([0, -1, 7, 2**53 + 1, -2**63, 2**63 - 1,
+                               rnd.randint(-10**9, 10**9)])),
+        "b": maybe(rnd.choice([0, 1])),
+        "d2": maybe(rnd.choice([round(rnd.uniform(-10**6, 10**6), 2), rnd.randint(-10**6, 10**6),
+                                0.0, -0.0, 0.1, 12.3, -0.004, 1e-9, 99999999999.99])),
+        "d0": maybe(rnd.choice([round(rnd.uniform(-1e9, 1e9)), 2.4, -2.6, 0.0, 7])),
+        "d6": maybe(rnd.choice([round(rnd.uniform(-100, 100), 6), 0.000001, -1.25e-7, 3])),
+        "dn": None,  # no scale: left to Arrow's shortest floats, so always NULL here
+        "t": maybe(rnd.choice(TEXTS) + rnd.choice(["", "", " and more", ",", '"'])),
+        "dt": maybe(date + rnd.choice([" ", "T"]) + clock + fraction),
+        "dd": maybe(date),
+    }
+
+
+def _make(path: Path, rows: list[dict[str, object]]) -> None:
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE v (id INTEGER PRIMARY KEY, tenant TEXT, "
+                      + ", ".join(COLUMNS) + ")")
+        conn.executemany(f"INSERT INTO v VALUES (?, 'T', {', '.join('?' * len(COLUMNS))})",
+                         [(key, *row.values()) for key, row in enumerate(rows, 1)])
+
+
+def _dataset(folder: Path):
+    listed = ", ".join(
+        f'{{ name = "{n}", kind = "{k}"' + (f", scale = {SCALES[n]}" if n in SCALES else "") + " }"
+        for n, k in COLUMNS.items())
+    path = folder / "v.toml"
+    path.write_text('[[dataset]]\nname = "v"\ntable = "v"\nkey = "id"\ntenant = "tenant"\n'
+                    'tenant_kind = "text"\n'
+                    f'columns = [{{ name = "id", kind = "int" }}, {listed}]\n')
+    return load(path)["v"]
+
+
+def _export(app, folder: Path, monkeypatch, fast: bool, after: object = None) -> tuple[bytes, int]:
+    """The CSV rows of `v`, 7 rows a page, and how many reader processes were started."""
+    started = []
+    popen = sqlite_pages.subprocess.Popen
+
+    def remember(*args, **kwargs):
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(sqlite_pages.subprocess, "Popen", remember)
+        if not fast:
+            patch.setattr(sqlite_pages, "_fastcsv", None)
+        engine = create_engine(f"sqlite:///{folder / 'v.db'}")
+        with app.app_context(), engine.connect() as conn:
+            data = b"".join(batch.data for batch in sqlite_pages.pages(
+                conn, _dataset(folder), "T", {}, after, 7))
+        engine.dispose()
+    return data, len(started)
+
+
+def test_canonical_values_are_the_arrow_readers_bytes(app, tmp_path, monkeypatch):
+    rnd = random.Random(19)
+    _make(tmp_path / "v.db", [_canonical(rnd) for _ in range(3000)])
+    fast, readers = _export(app, tmp_path, monkeypatch, fast=True)
+    arrow, _ = _export(app, tmp_path, monkeypatch, fast=False)
+    assert readers == 0, "every page was the fast path's"
+    assert fast.count(b"\n") >= 3000 and fast == arrow
+    resumed, _ = _export(app, tmp_path, monkeypatch, fast=True, after=1500)
+    assert resumed == arrow[arrow.index(b"\n1501,"):][1:]
+
+
+NOT_CANONICAL = {  # each refused by the fast path: the Arrow reader writes its page
+    "t": ["x'ff3d'", "CAST(x'c328' AS TEXT)", "12", "1.5", "'a' || char(0) || 'b'"],
+    "dt": ["'2026-01-10 17:07:01+02:00'", "'2026-01-10'", "'2026-01-10 17:07'",
+           "'2026-01-10 17:07:01.1234567'", "'2026-01-10T17:07:01Z'"],
+    "dd": ["'2026-01-10 00:00:00'", "'2024-02-29T00:00:00'"],
+    "d2": ["0.125", "2.675", "'12.5'", "1e300", "9e99", "-0.005", "123456789012345"],
+    "d6": ["0.0000005", "1e9"],
+    "dn": ["1.5", "3"],
+}
+
+
+@pytest.mark.parametrize("column, stored", [(c, s) for c, values in NOT_CANONICAL.items()
+                                            for s in values])
+def test_a_page_with_another_value_goes_to_the_arrow_reader_with_the_same_bytes(
+        app, tmp_path, monkeypatch, column, stored):
+    rnd = random.Random(column + stored)
+    _make(tmp_path / "v.db", [_canonical(rnd) for _ in range(40)])
+    with sqlite3.connect(tmp_path / "v.db") as conn:  # in the third page (7 rows a page)
+        conn.execute(f"UPDATE v SET {column} = {stored} WHERE id = 17")
+    fast, readers = _export(app, tmp_path, monkeypatch, fast=True)
+    arrow, _ = _export(app, tmp_path, monkeypatch, fast=False)
+    assert readers == 1 and fast == arrow
+    assert fast.startswith(arrow[:arrow.index(b"\n15,")]), "two pages by the fast path"
+
+
+def test_closing_the_pages_early_stops_reading_at_once(app, tmp_path, monkeypatch):
+    """A cancel closes the pages: the page read ahead is done, the database closed, and no
+    reading thread is left."""
+    rnd = random.Random(7)
+    _make(tmp_path / "v.db", [_canonical(rnd) for _ in range(100)])
+    engine = create_engine(f"sqlite:///{tmp_path / 'v.db'}")
+    with app.app_context(), engine.connect() as conn:
+        pages = sqlite_pages.pages(conn, _dataset(tmp_path), "T", {}, None, 7)
+        assert next(pages).rows == 7
+        pages.close()
+    engine.dispose()
+    assert not [t for t in threading.enumerate() if t.name.startswith("read-ahead")]
