@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # The server test-postgres creates (and drops) a fresh database on, per test session.
 TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml jobs/_fastcsv.c  # the C extension is built by the install
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'

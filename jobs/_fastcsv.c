@@ -6,12 +6,18 @@
    Arrow reader (jobs.sqlite_reader) writes for them; a page holding any other value is refused
    whole (`page` returns False) and the caller reads it the Arrow way, which knows the rest.
 
+   `copy_out` reads a PostgreSQL COPY's rows into one buffer, for jobs.postgres_pages: through the
+   libpq psycopg loaded, the one libpq in the process, found by its name (none or two: not used).
+
    It links the same SQLite library as Python's sqlite3 module (one copy per process: POSIX
    locks stay sound, unlike with a second copy), opens the file read-only, and lets go of the
    GIL while it reads and formats a page. */
 
+#define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <dlfcn.h>
+#include <link.h>
 #include <math.h>
 #include <sqlite3.h>
 #include <stdint.h>
@@ -28,8 +34,9 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     sqlite3 *db;
-    sqlite3_stmt *first; /* the first page */
-    sqlite3_stmt *after; /* a page after the key bound to ?1 */
+    /* A page: from the start or after the key bound to ?1, to its size or up to the key
+       bound to ?2 (index: 2 * has ?1 + has ?2). */
+    sqlite3_stmt *pages[4];
     int columns;         /* exported columns, after the key (result column 0) */
     int *kinds;
     int *scales;         /* -1: none */
@@ -296,21 +303,25 @@ static int past_deadline(void *reader) {
 
 static PyObject *NotFast; /* a singleton False, returned for a page this does not write */
 
-/* page(after) -> (csv bytes, rows, last key) | None after the last row | False */
+static int bind_key(sqlite3_stmt *st, int index, PyObject *key) {
+    long long value = PyLong_AsLongLong(key);
+    if (value == -1 && PyErr_Occurred()) return -1;
+    sqlite3_bind_int64(st, index, value);
+    return 0;
+}
+
+/* page(after, until) -> (csv bytes, rows, last key) | None without rows | False */
 static PyObject *Reader_page(Reader *r, PyObject *args) {
-    PyObject *after;
-    if (!PyArg_ParseTuple(args, "O", &after)) return NULL;
+    PyObject *after, *until;
+    if (!PyArg_ParseTuple(args, "OO", &after, &until)) return NULL;
     if (!r->db) {
         PyErr_SetString(PyExc_ValueError, "the reader is closed");
         return NULL;
     }
-    sqlite3_stmt *st = r->first;
-    if (after != Py_None) {
-        long long key = PyLong_AsLongLong(after);
-        if (key == -1 && PyErr_Occurred()) return NULL;
-        st = r->after;
-        sqlite3_bind_int64(st, 1, key);
-    }
+    sqlite3_stmt *st = r->pages[2 * (after != Py_None) + (until != Py_None)];
+    if ((after != Py_None && bind_key(st, 1, after)) ||
+        (until != Py_None && bind_key(st, 2, until)))
+        return NULL;
     Buf *b = &r->page;
     b->len = 0;
     int rows = 0, status = 0, rc;
@@ -346,10 +357,11 @@ static PyObject *Reader_page(Reader *r, PyObject *args) {
 }
 
 static void close_reader(Reader *r) {
-    sqlite3_finalize(r->first);
-    sqlite3_finalize(r->after);
+    for (int i = 0; i < 4; i++) {
+        sqlite3_finalize(r->pages[i]);
+        r->pages[i] = NULL;
+    }
     sqlite3_close(r->db);
-    r->first = r->after = NULL;
     r->db = NULL;
     free(r->page.data);
     r->page = (Buf){0};
@@ -362,13 +374,13 @@ static PyObject *Reader_close(Reader *r, PyObject *Py_UNUSED(ignored)) {
 
 static const char *KINDS[] = {"int", "text", "date", "datetime", "bool", "decimal"};
 
-/* Reader(uri, first_sql, after_sql, kinds, scales, limit) */
-static int Reader_init(Reader *r, PyObject *args, PyObject *kwds) {
-    const char *uri, *first, *after;
+/* Reader(uri, sql, kinds, scales, limit): sql, the four pages' statements */
+static int Reader_init(Reader *r, PyObject *args, PyObject *Py_UNUSED(kwds)) {
+    const char *uri, *sql[4];
     PyObject *kinds, *scales;
     double limit;
-    if (!PyArg_ParseTuple(args, "sssO!O!d", &uri, &first, &after, &PyTuple_Type, &kinds,
-                          &PyTuple_Type, &scales, &limit))
+    if (!PyArg_ParseTuple(args, "s(ssss)O!O!d", &uri, &sql[0], &sql[1], &sql[2], &sql[3],
+                          &PyTuple_Type, &kinds, &PyTuple_Type, &scales, &limit))
         return -1;
     int n = (int)PyTuple_GET_SIZE(kinds);
     if (PyTuple_GET_SIZE(scales) != n) {
@@ -401,17 +413,21 @@ static int Reader_init(Reader *r, PyObject *args, PyObject *kwds) {
     r->columns = n;
     r->limit = limit;
     int flags = SQLITE_OPEN_READONLY | SQLITE_OPEN_URI | SQLITE_OPEN_NOMUTEX;
-    if (sqlite3_open_v2(uri, &r->db, flags, NULL) != SQLITE_OK ||
-        sqlite3_prepare_v2(r->db, first, -1, &r->first, NULL) != SQLITE_OK ||
-        sqlite3_prepare_v2(r->db, after, -1, &r->after, NULL) != SQLITE_OK) {
+    int failed = sqlite3_open_v2(uri, &r->db, flags, NULL) != SQLITE_OK;
+    for (int i = 0; i < 4 && !failed; i++)
+        failed = sqlite3_prepare_v2(r->db, sql[i], -1, &r->pages[i], NULL) != SQLITE_OK;
+    if (failed) {
         PyErr_SetString(PyExc_RuntimeError, r->db ? sqlite3_errmsg(r->db) : "out of memory");
         close_reader(r);
         return -1;
     }
-    if (sqlite3_column_count(r->first) != n + 1 || sqlite3_column_count(r->after) != n + 1) {
-        PyErr_SetString(PyExc_ValueError, "the SQL selects the key and then one column per kind");
-        close_reader(r);
-        return -1;
+    for (int i = 0; i < 4; i++) {
+        if (sqlite3_column_count(r->pages[i]) != n + 1) {
+            PyErr_SetString(PyExc_ValueError,
+                            "each page selects the key and then one column per kind");
+            close_reader(r);
+            return -1;
+        }
     }
     sqlite3_progress_handler(r->db, 4000, past_deadline, r);
     return 0;
@@ -424,10 +440,84 @@ static void Reader_dealloc(Reader *r) {
     Py_TYPE(r)->tp_free((PyObject *)r);
 }
 
+/* libpq's functions, from the libpq psycopg loaded. */
+static int (*pq_get_copy_data)(void *conn, char **buffer, int async);
+static void (*pq_freemem)(void *ptr);
+static int libpq_copies;
+
+static int find_libpq(struct dl_phdr_info *info, size_t size, void *data) {
+    (void)size, (void)data;
+    if (!info->dlpi_name || !strstr(info->dlpi_name, "libpq")) return 0;
+    void *handle = dlopen(info->dlpi_name, RTLD_LAZY | RTLD_NOLOAD);
+    if (!handle) return 0;
+    void *get = dlsym(handle, "PQgetCopyData"), *freemem = dlsym(handle, "PQfreemem");
+    if (get && freemem && get != (void *)pq_get_copy_data) {
+        libpq_copies++;
+        pq_get_copy_data = (int (*)(void *, char **, int))get;
+        pq_freemem = (void (*)(void *))freemem;
+    }
+    dlclose(handle); /* psycopg's own reference keeps it loaded */
+    return 0;
+}
+
+/* libpq() -> whether copy_out can run: one libpq is loaded (import psycopg first). */
+static PyObject *libpq(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored)) {
+    if (libpq_copies != 1) {
+        libpq_copies = 0;
+        pq_get_copy_data = NULL;
+        dl_iterate_phdr(find_libpq, NULL);
+    }
+    return PyBool_FromLong(libpq_copies == 1);
+}
+
+/* copy_out(pgconn_ptr) -> (bytes, rows, last row): the rows of the COPY TO STDOUT under way on
+   that connection, until its end or an error (the caller reads the command's result next). */
+static PyObject *copy_out(PyObject *Py_UNUSED(module), PyObject *args) {
+    unsigned long long address;
+    if (!PyArg_ParseTuple(args, "K", &address)) return NULL;
+    if (libpq_copies != 1) {
+        PyErr_SetString(PyExc_RuntimeError, "no single libpq is loaded");
+        return NULL;
+    }
+    Buf b = {0};
+    size_t last_at = 0, last_length = 0;
+    int rows = 0, n, failed = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (;;) {
+        char *row;
+        n = pq_get_copy_data((void *)(uintptr_t)address, &row, 0); /* 0: wait, without the GIL */
+        if (n <= 0) break;
+        failed = grow(&b, (size_t)n);
+        if (!failed) {
+            last_at = b.len;
+            last_length = (size_t)n;
+            memcpy(b.data + b.len, row, (size_t)n);
+            b.len += (size_t)n;
+            rows++;
+        }
+        pq_freemem(row);
+        if (failed) break;
+    }
+    Py_END_ALLOW_THREADS
+    PyObject *result = failed ? PyErr_NoMemory()
+                              : Py_BuildValue("(y#iy#)", b.data ? b.data : "", (Py_ssize_t)b.len,
+                                              rows, b.data ? b.data + last_at : "",
+                                              (Py_ssize_t)last_length);
+    free(b.data);
+    return result;
+}
+
+static PyMethodDef module_functions[] = {
+    {"libpq", libpq, METH_NOARGS, "Whether copy_out can run: one libpq is loaded."},
+    {"copy_out", copy_out, METH_VARARGS,
+     "copy_out(pgconn_ptr) -> (bytes, rows, last row) of the COPY TO STDOUT under way."},
+    {NULL},
+};
+
 static PyMethodDef Reader_methods[] = {
     {"page", (PyCFunction)Reader_page, METH_VARARGS,
-     "page(after) -> (CSV bytes, rows, last key), None after the last row, or False for a "
-     "page holding a value only the Arrow reader writes"},
+     "page(after, until) -> (CSV bytes, rows, last key), None for a page without rows, or "
+     "False for a page holding a value only the Arrow reader writes"},
     {"close", (PyCFunction)Reader_close, METH_NOARGS, "Close the database."},
     {NULL},
 };
@@ -435,8 +525,8 @@ static PyMethodDef Reader_methods[] = {
 static PyTypeObject ReaderType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "jobs._fastcsv.Reader",
-    .tp_doc = "Reader(uri, first_sql, after_sql, kinds, scales, limit): CSV pages of an "
-              "SQLite query, the key first, then one column per kind.",
+    .tp_doc = "Reader(uri, (first, first_until, after, after_until), kinds, scales, limit): "
+              "CSV pages of an SQLite query, the key first, then one column per kind.",
     .tp_basicsize = sizeof(Reader),
     .tp_flags = Py_TPFLAGS_DEFAULT,
     .tp_new = PyType_GenericNew,
@@ -446,8 +536,9 @@ static PyTypeObject ReaderType = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "jobs._fastcsv",
-    "An SQLite query's canonical values as CSV pages, in C.", -1, NULL,
+    PyModuleDef_HEAD_INIT, .m_name = "jobs._fastcsv",
+    .m_doc = "An SQLite query's canonical values as CSV pages, and a PostgreSQL COPY's rows, "
+             "in C.", .m_size = -1, .m_methods = module_functions,
 };
 
 PyMODINIT_FUNC PyInit__fastcsv(void) {

@@ -27,6 +27,7 @@ class Batch:
     rows: int
     last_key: int
     replaced: int = 0  # values whose invalid UTF-8 bytes became U+FFFD
+    utf8: bool = False  # known to be valid UTF-8 (jobs._fastcsv checks every value it writes)
 
 
 class BadValue(ValueError):
@@ -44,6 +45,8 @@ def valid_utf8(batch: Batch) -> Batch:
     held one is counted. SQLite stores whatever bytes it is given (PostgreSQL sends UTF-8 only,
     jobs.source); a file that is not UTF-8 breaks the programs that read it. The check is one
     decode; only a page that fails it is parsed, to count its values."""
+    if batch.utf8:
+        return batch
     try:
         batch.data.decode()
         return batch

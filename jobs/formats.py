@@ -8,8 +8,8 @@ from dataclasses import replace
 from datetime import datetime
 from decimal import Decimal
 
+from isal import isal_zlib
 from sqlalchemy import Connection
-from zlib_ng import zlib_ng
 
 from jobs import pages
 from jobs.behind import OneBehind
@@ -140,13 +140,14 @@ def stream(
     return position
 
 
-# zlib-ng's level 3: 1.06x gzip -6's size in a quarter of zlib's time. ISA-L's fastest levels
-# take half that, but at 1.11x (level 3) or more, past the 1.1x of issue 19 (bench/export.py).
+# ISA-L's level 3: 1.09x the size of `sqlite3 -csv | gzip -6` (issue 19 allows 1.1x) in a
+# seventh of zlib's time; zlib-ng's level 3 is 1.05x its size but takes half as long again,
+# and ISA-L's levels 1 and 2, faster still, are 1.11x and more (bench/export.py).
 GZIP_LEVEL = 3
 
 
 class GzipMembers:
-    """csv.gz's deflate: zlib-ng, one page behind the reading (`jobs.behind`). `end_member`
+    """csv.gz's deflate: ISA-L, one page behind the reading (`jobs.behind`). `end_member`
     closes the gzip member (concatenated members are one gzip stream, RFC 1952): the bytes a
     checkpoint counts are then a whole stream, and a resume appends new members."""
 
@@ -159,7 +160,7 @@ class GzipMembers:
 
     def _deflate(self, data: bytes | bytearray) -> None:
         if self._member is None:  # wbits 31: gzip framing
-            self._member = zlib_ng.compressobj(GZIP_LEVEL, zlib_ng.DEFLATED, 31)
+            self._member = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, 31)
         self._out.write(self._member.compress(data))
 
     def end_member(self) -> None:

@@ -1,12 +1,21 @@
-"""Read the next page while the caller writes the current one (the standard library only)."""
+"""Read the next pages while the caller writes the current one (the standard library only)."""
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
 Page = TypeVar("Page")
+
+
+class KeyedPage(Protocol):
+    rows: int
+    last_key: object
+
+
+Keyed = TypeVar("Keyed", bound=KeyedPage)
 
 
 def read_ahead(fetch: Callable[[object], tuple[Page, object] | None],
@@ -19,4 +28,31 @@ def read_ahead(fetch: Callable[[object], tuple[Page, object] | None],
         while (fetched := pending.result()) is not None:
             page, after = fetched
             pending = pool.submit(fetch, after)
+            yield page
+
+
+def side_by_side(end_after: Callable[[object], object],
+                 fetch: Callable[[object, object], Keyed | None], after: object, size: int,
+                 in_flight: int) -> Iterator[Keyed]:
+    """Pages as key ranges read `in_flight` at a time, each in a thread: `end_after(key)` is
+    the `size`-th key after `key` (None when fewer are left: a page without an end, LIMIT
+    `size`), looked up first, so that the next pages can be read while this one is written;
+    `fetch(start, end)` the page after `start` up to `end` (None when it holds no row). The
+    page without an end is the last, unless it comes back full (rows added meanwhile): then
+    the pages go on after it. Pages come in key order whatever order they were read in.
+    Closing the iterator, or an error of `fetch`, waits for the pages under way."""
+    with ThreadPoolExecutor(in_flight, thread_name_prefix="page") as pool:
+        pending: deque = deque()  # (page being read, is it the last)
+        start, more = after, True
+        while more or pending:
+            while more and len(pending) < in_flight:
+                end = end_after(start)
+                pending.append((pool.submit(fetch, start, end), end is None))
+                start, more = end, end is not None
+            future, last = pending.popleft()
+            page = future.result()
+            if page is None:  # a range emptied meanwhile, or nothing left
+                continue
+            if last and page.rows == size:
+                start, more = page.last_key, True
             yield page

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import queue
 import select
 import struct
 import subprocess
@@ -26,6 +27,7 @@ from sqlalchemy import (
     Connection,
     Select,
     Text,
+    bindparam,
     case,
     cast,
     func,
@@ -37,7 +39,7 @@ from sqlalchemy import (
 from jobs import source
 from jobs.csvrows import BadValue, Batch
 from jobs.datasets import Dataset
-from jobs.readahead import read_ahead
+from jobs.readahead import read_ahead, side_by_side
 
 try:
     from jobs import _fastcsv
@@ -96,52 +98,82 @@ def pages(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[
     yield from _arrow_pages(conn, dataset, org_key, params, after, size)
 
 
+PAGES_IN_FLIGHT = 2  # pages jobs._fastcsv reads side by side, each with a connection of its own
+
+
+class _NotCanonical(Exception):
+    """The page after `after` holds a value jobs._fastcsv does not write."""
+
+    def __init__(self, after: object):
+        self.after = after
+
+
 def _fast_pages(conn: Connection, dataset: Dataset, org_key: str | None,
                 params: dict[str, str], after: object,
                 size: int) -> Generator[Batch, None, tuple[bool, object]]:
-    """Pages written by jobs._fastcsv, read ahead in a thread; returns (True, None) after the
-    last, or (False, key) when the page after `key` holds a value it does not write."""
+    """Pages written by jobs._fastcsv, two read side by side as key ranges, as PostgreSQL's
+    are (jobs.readahead.side_by_side); returns (True, None) after the last, or (False, key)
+    when the page after `key` holds a value it does not write."""
     key = dataset.table.c[dataset.key]
     columns = [key, *(dataset.table.c[c.name] for c in dataset.columns)]
 
-    def page(after: object) -> str:
-        return _sql(conn, dataset.batch(org_key, params, after, size).with_only_columns(
-            *columns, maintain_column_froms=True))
+    def page(starts_after: bool, ends_at: bool) -> str:
+        """A page's SQL: after the key bound to ?1 (or from the start), up to the key bound
+        to ?2 (or `size` rows)."""
+        stmt = dataset.batch(org_key, params, literal_column("?1") if starts_after else None,
+                             None if ends_at else size)
+        stmt = stmt.with_only_columns(*columns, maintain_column_froms=True)
+        return _sql(conn, stmt.where(key <= literal_column("?2")) if ends_at else stmt)
 
-    first = page(None)
-    source.check_sqlite(conn, first)  # refused here if it would do more than read
+    sql = tuple(page(starts_after, ends_at) for starts_after in (False, True)
+                for ends_at in (False, True))  # jobs._fastcsv's order
+    # Refused here if it would do more than read (the others add key bounds only).
+    source.check_sqlite(conn, sql[0])
+    lower = bindparam("lower", 0)
+    ends = {first: dataset.batch(org_key, params, None if first else lower, 1)
+            .with_only_columns(key).offset(size - 1) for first in (True, False)}
     limit = source.timeout()
+    readers = []
     try:
-        reader = _fastcsv.Reader(_uri(conn), first, page(literal_column("?")),
-                                 tuple(c.kind for c in dataset.columns),
-                                 tuple(c.scale for c in dataset.columns), limit)
+        for _ in range(PAGES_IN_FLIGHT):
+            readers.append(_fastcsv.Reader(_uri(conn), sql, tuple(c.kind for c in dataset.columns),
+                                           tuple(c.scale for c in dataset.columns), limit))
     except RuntimeError as exc:  # SQLite's error
+        for reader in readers:
+            reader.close()
         raise ReadFailed(str(exc)) from None
-    stopped: tuple[bool, object] = (True, None)
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    for reader in readers:
+        free.put(reader)
 
-    def fetch(after: object) -> tuple[Batch, object] | None:
-        nonlocal stopped
+    def end_after(start: object) -> object:
+        return conn.execute(ends[start is None], {} if start is None else {"lower": start}).scalar()
+
+    def fetch(start: object, end: object) -> Batch | None:
+        reader = free.get()
         try:
-            got = reader.page(after)
+            got = reader.page(start, end)
         except TimeoutError:
             raise source.StatementTimeout(_too_long(limit)) from None
         except RuntimeError as exc:
             raise ReadFailed(str(exc)) from None
+        finally:
+            free.put(reader)
         if got is False:
-            stopped = (False, after)
-        if not got:
+            raise _NotCanonical(start)
+        if got is None:
             return None
         data, rows, last_key = got
-        return Batch(data, rows, last_key), last_key
+        return Batch(data, rows, last_key, utf8=True)
 
-    received = read_ahead(fetch, after)
-    try:
-        for batch in received:  # noqa: UP028 (closed here, before the reader, not by `yield from`)
-            yield batch
+    try:  # closing it closes side_by_side first: the pages under way end before their reader
+        yield from side_by_side(end_after, fetch, after, size, PAGES_IN_FLIGHT)
+    except _NotCanonical as stop:
+        return False, stop.after
     finally:
-        received.close()  # the page being read is done
-        reader.close()
-    return stopped
+        for reader in readers:
+            reader.close()
+    return True, None
 
 
 def _uri(conn: Connection) -> str:

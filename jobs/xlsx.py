@@ -38,8 +38,8 @@ from jobs.formats import XLSX_CELLS, XLSX_CUT_MARK, XLSX_MAX_TEXT, TooManyRows
 # the processes that write an xlsx import this module (it is Arrow's only user in a worker).
 pa.set_memory_pool(pa.system_memory_pool())
 # ISA-L's level 2 deflates a million rows' sheet (296 MB of XML) in 0.23 s to 31 MB; zlib's
-# level 1 takes 2.0 s (34 MB), its level 6 3.0 s (25 MB); zlib-ng's (csv.gz's deflate, chosen
-# there for its size at level 3) level 1 0.37 s (40 MB), level 2 0.55 s (31 MB).
+# level 1 takes 2.0 s (34 MB), its level 6 3.0 s (25 MB); zlib-ng's level 1 0.37 s (40 MB),
+# level 2 0.55 s (31 MB).
 DEFLATE_LEVEL = 2
 XML = '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n'
 MAIN = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"

@@ -1,6 +1,7 @@
-"""SQLite's fast path (jobs/_fastcsv.c, issue 19): canonical values as CSV straight from SQLite's
-C API. It must write the very bytes of the Arrow reader (jobs.sqlite_reader) for every value it
-takes, hand every other page to that reader, and stop reading at once when closed."""
+"""The C of issue 19 (jobs/_fastcsv.c). SQLite's fast path, canonical values as CSV straight from
+SQLite's C API, must write the very bytes of the Arrow reader (jobs.sqlite_reader) for every
+value it takes, hand every other page to that reader, and stop reading at once when closed.
+PostgreSQL's COPY rows read in C must be the rows the Python loop reads, errors included."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import require
+from conftest import TEST_DATABASE_URL, require
 from sqlalchemy import create_engine
+from sqlalchemy import exc as sa_exc
 
-from jobs import sqlite_pages
+from jobs import postgres_pages, sqlite_pages
 from jobs.dataset_file import load
 
 COLUMNS = {"i": "int", "b": "bool", "d2": "decimal", "d0": "decimal", "d6": "decimal",
@@ -146,4 +148,42 @@ def test_closing_the_pages_early_stops_reading_at_once(app, tmp_path, monkeypatc
         assert next(pages).rows == 7
         pages.close()
     engine.dispose()
-    assert not [t for t in threading.enumerate() if t.name.startswith("read-ahead")]
+    assert not [t for t in threading.enumerate() if t.name.startswith("page")]
+
+
+# PostgreSQL: a COPY's rows read in C (jobs._fastcsv.copy_out)
+
+ROWS = ("COPY (SELECT g, repeat('é,\"', g % 7), CASE WHEN g % 5 = 0 THEN NULL ELSE g / 3.0 END "
+        "FROM generate_series(1, {n}) g) TO STDOUT WITH (FORMAT csv)")
+
+
+@pytest.fixture
+def pg():
+    psycopg = pytest.importorskip("psycopg")
+    server = (TEST_DATABASE_URL or "postgresql://postgres@127.0.0.1:5432/postgres")
+    try:
+        conn = psycopg.connect(server.replace("+psycopg", ""))
+    except psycopg.OperationalError as exc:
+        require("PostgreSQL", str(exc).splitlines()[0])
+    yield conn
+    conn.close()
+
+
+@pytest.mark.parametrize("rows", [0, 1, 30_000])
+def test_copy_out_reads_the_rows_the_python_loop_reads(pg, monkeypatch, rows):
+    assert postgres_pages._fastcsv.libpq(), "the libpq psycopg loaded is found"
+    in_c = postgres_pages._copy(pg, ROWS.format(n=rows))
+    monkeypatch.setattr(postgres_pages, "_fastcsv", None)
+    in_python = postgres_pages._copy(pg, ROWS.format(n=rows))
+    assert in_c == in_python and in_c[1] == rows
+    assert in_c[0].endswith(in_c[2]) and (rows == 0 or in_c[2].startswith(f"{rows},".encode()))
+
+
+def test_copy_out_ends_at_an_error_the_server_sends_midway(pg):
+    """A COPY that fails after sending rows raises the server's error, as SQLAlchemy would,
+    and leaves the connection ready for the next page."""
+    failing = ("COPY (SELECT 1 / (20000 - g) FROM generate_series(1, 30000) g) "
+               "TO STDOUT WITH (FORMAT csv)")
+    with pytest.raises(sa_exc.DBAPIError, match="division by zero"):
+        postgres_pages._copy(pg, failing)
+    assert postgres_pages._copy(pg, ROWS.format(n=3))[1] == 3
