@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: dev test test-postgres test-all lint bench install clean
+.PHONY: dev serve test test-postgres test-all lint bench install clean
 # The server test-postgres creates (and drops) a fresh database on, per test session.
 TEST_POSTGRES_URL ?= postgresql+psycopg://postgres@127.0.0.1:5432/postgres
 
@@ -20,6 +20,12 @@ dev: $(STAMP)
 	$(BIN)/flask db upgrade
 	$(BIN)/flask seed --if-empty
 	$(BIN)/flask dev
+
+# The web app as in production: gunicorn, WEB_WORKERS processes on BIND (docs/operations.md).
+WEB_WORKERS ?= 4
+BIND ?= 127.0.0.1:8000
+serve: $(STAMP)
+	$(BIN)/gunicorn --workers $(WEB_WORKERS) --bind $(BIND) --access-logfile - 'webapp:create_app()'
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

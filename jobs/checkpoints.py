@@ -1,4 +1,4 @@
-"""Checkpoints: how far a part file is known good, recorded only once fsynced; fault injection."""
+"""Checkpoints: how far a part is known good, recorded only once durable; fault injection."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ from flask import current_app, has_app_context
 from jobs.storage import Part
 
 log = logging.getLogger(__name__)
+# Where the rows stand, before any is written: the fields a resume starts from.
+FIRST_ROW = {"last_key": None, "rows": 0, "bytes": 0, "replaced": 0, "truncated": 0}
 
 
 @dataclass
@@ -35,10 +37,19 @@ class Checkpoint:
     complete: bool = False
     replaced: int = 0
     truncated: int = 0
+    upload: dict | None = None
 
     @classmethod
     def from_json(cls, data: dict | None) -> Checkpoint:
         return cls(**data) if data else cls()
+
+    def resume_point(self) -> Checkpoint:
+        """Where a resume writes from: here, or for a bucket's unfinished upload the position
+        its `from` records (the last part ends past it; those bytes are written again and
+        skipped), the first row when it records none."""
+        if self.complete or self.upload is None:
+            return self
+        return replace(self, **(self.upload["from"] or FIRST_ROW), sha256="")
 
 
 _faults_seen: Counter = Counter()
@@ -67,12 +78,13 @@ def fault(step: str) -> None:
 
 def record_checkpoint(out: Part, position: Checkpoint,
                       on_checkpoint: Callable[[Checkpoint], None], complete: bool = False) -> None:
-    """Fsync, then record: a checkpoint never counts a byte that is not on disk."""
+    """Fsync (or upload), then record: a checkpoint never counts a byte that is not durable."""
     fault("written")
-    out.sync()
+    out.sync(final=complete)
     fault("final" if complete else "synced")
     position.bytes, position.sha256 = out.size, out.sha256
     position.part, position.complete = out.name, complete
+    position.upload = out.upload_state({key: getattr(position, key) for key in FIRST_ROW})
     on_checkpoint(replace(position))
     fault("checkpointed")
 

@@ -28,7 +28,7 @@ from jobs.checkpoints import Checkpoint, fault, record_checkpoint
 from jobs.failures import AttemptFailed, PermanentFailure, caused_by, is_permanent, reason
 from jobs.formats import RESUMABLE, stream
 from jobs.models import ExportJob, JobAttempt, JobState, User, db, locked, utcnow
-from jobs.storage import LocalStorage, Prefix, storage
+from jobs.storage import PartsChanged, Prefix, Storage, storage
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ def run(job_id: int, max_attempts: int) -> None:
     db.session.commit()
 
 
-def _export(job: ExportJob, attempt: JobAttempt, claim: str, files: LocalStorage,
+def _export(job: ExportJob, attempt: JobAttempt, claim: str, files: Storage,
             on_checkpoint: Callable[[Checkpoint], None]) -> None:
     """Write the job's file from its checkpoint, publish it, and mark the job succeeded in the
     session (the caller commits).
@@ -290,7 +290,7 @@ def _export(job: ExportJob, attempt: JobAttempt, claim: str, files: LocalStorage
     if dataset is None:
         raise PermanentFailure(f"The dataset {job.dataset!r} no longer exists.")
     params = dataset.clean_params(job.params)
-    start = Checkpoint.from_json(job.checkpoint)
+    start = Checkpoint.from_json(job.checkpoint).resume_point()
     changed = job.definition is not None and job.definition != dataset.fingerprint
     if job.definition != dataset.fingerprint:
         values: dict = {"definition": dataset.fingerprint}
@@ -307,9 +307,10 @@ def _export(job: ExportJob, attempt: JobAttempt, claim: str, files: LocalStorage
         published = files.final_name(start.part)
         if files.verify(published, start.bytes, start.sha256):
             _disarm_hard_timeout()
-            _succeed(job, claim, published, start)
+            _succeed(job, claim, files, published, start)
             return
-    keep = Prefix(start.part, start.bytes, start.sha256) if start.part and start.bytes else None
+    keep = (Prefix(start.part, start.bytes, start.sha256, start.upload)
+            if start.part and (start.bytes or start.upload) else None)
     out, problem = files.open_part(job.id, attempt.number, job.format, keep)
     with out:
         if problem:
@@ -341,24 +342,29 @@ def _export(job: ExportJob, attempt: JobAttempt, claim: str, files: LocalStorage
     _disarm_hard_timeout()  # the rest is short and must not be cut in half
     published = files.publish(out)
     fault("published")
-    _succeed(job, claim, published, position)
+    _succeed(job, claim, files, published, position)
 
 
-def _succeed(job: ExportJob, claim: str, published: str, final: Checkpoint) -> None:
+def _succeed(job: ExportJob, claim: str, files: Storage, published: str,
+             final: Checkpoint) -> None:
     """Mark the job succeeded with its file and digest, and record the owner's email, in the
-    session's transaction (while this worker still holds its claim)."""
+    session's transaction (while this worker still holds its claim). A digest the checkpoint
+    could not know (a bucket's upload resumed on another worker) is read back from the file."""
     _save(job.id, claim, commit=False, state=JobState.SUCCEEDED, file_name=published,
-          sha256=final.sha256, bytes=final.bytes, rows_done=final.rows, finished_at=utcnow(),
+          sha256=final.sha256 or files.sha256(published), bytes=final.bytes,
+          rows_done=final.rows, finished_at=utcnow(),
           lease_expires_at=None)
     dispatch.on_commit(db.session(), lambda: fault("committed"))  # before the email's send
     db.session.refresh(job)
     signals.export_finished.send(current_app._get_current_object(), job=job)
 
 
-def _may_keep_part(exc: BaseException, files: LocalStorage) -> bool:
+def _may_keep_part(exc: BaseException, files: Storage) -> bool:
     """Whether a failed attempt that will be retried keeps its part to resume from: not when
-    the disk is full (the part would fail the next export too), nor beyond EXPORT_PARTS_BUDGET
-    bytes of parts on disk."""
+    the disk is full (the part would fail the next export too) or the part no longer matches
+    the rows (PartsChanged), nor beyond EXPORT_PARTS_BUDGET bytes of parts."""
+    if caused_by(exc, PartsChanged):
+        return False
     full = caused_by(exc, OSError)
     if full is not None and full.errno in (errno.ENOSPC, errno.EDQUOT):
         return False

@@ -14,6 +14,7 @@ from jobs.csvrows import BadValue
 from jobs.dataset_file import DatasetFileError
 from jobs.datasets import InvalidParams
 from jobs.formats import TooManyRows
+from jobs.storage import StorageRefused, TooLarge
 
 
 class PermanentFailure(Exception):
@@ -39,7 +40,8 @@ def is_permanent(exc: BaseException) -> bool:
     """Also a statement past the source's time limit (the same query would run as long again)
     and a value that cannot be exported (the same rows would hold it again)."""
     return (isinstance(exc, InvalidParams | PermanentFailure | TooManyRows | BadValue
-                       | DatasetFileError | sa_exc.DataError) or source.timed_out(exc))
+                       | DatasetFileError | sa_exc.DataError | StorageRefused | TooLarge)
+            or source.timed_out(exc))
 
 
 def is_transient(exc: BaseException) -> bool:
@@ -53,7 +55,8 @@ def reason(exc: BaseException) -> str:
     first = (str(exc).strip().splitlines() or [""])[0][:300]
     if isinstance(exc, InvalidParams):
         return f"Invalid parameters: {first}"
-    if isinstance(exc, PermanentFailure | TooManyRows | DatasetFileError):
+    if isinstance(exc, PermanentFailure | TooManyRows | DatasetFileError | StorageRefused
+                  | TooLarge):
         return first
     if isinstance(exc, BadValue | sa_exc.DataError):  # the database's words, without its class
         words = str(exc.orig if isinstance(exc, sa_exc.DataError) else exc).strip()

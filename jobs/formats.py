@@ -98,7 +98,8 @@ def stream(
     fmt: str = "csv",
     bom: bool = False,
 ) -> Checkpoint:
-    """Write the dataset in `fmt` to `out` from `start`; call on_checkpoint a few times a second.
+    """Write the dataset in `fmt` to `out` from `start`; checkpoint when `out` says (a file: a
+    few times a second; a bucket's upload: at its part boundaries).
 
     `out` must already hold exactly the `start.bytes` good bytes of `start`. A checkpoint is
     reported only after the bytes it counts are fsynced, so a resume from it is byte-identical;
@@ -129,7 +130,7 @@ def stream(
             position.rows += batch.rows
             position.replaced += batch.replaced
             position.last_key = batch.last_key
-            if time.monotonic() - last_checkpoint >= interval:
+            if out.checkpoint_due(time.monotonic() - last_checkpoint, interval):
                 checkpoint()
                 last_checkpoint = time.monotonic()
     finally:

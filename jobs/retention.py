@@ -15,7 +15,6 @@ from jobs.models import ExportJob, JobState, UserSession, db, utcnow
 from jobs.storage import OUR_FILE, storage
 
 log = logging.getLogger(__name__)
-ORPHAN_GRACE = 3600.0  # seconds: a file this fresh may belong to a transaction still in flight
 BATCH = 500  # jobs per sweep, so one run stays far inside the critical lane's hard timeout
 
 
@@ -29,20 +28,24 @@ class SweepReport:
 
 @dataclass(frozen=True)
 class DiskUse:
-    """The export folder's share of its disk, for the lanes page and /metrics."""
+    """The bytes export files hold (and their disk's free space), for the lanes page and
+    /metrics."""
 
     used: int  # bytes in finished files and parts
     parts: int  # of which parts (running exports, and those kept for a retry)
-    free: int  # bytes still free on the disk
-    total: int
+    free: int | None  # bytes still free on the disk (None: a bucket, no disk to fill)
+    total: int | None
     low: bool  # free below DISK_FREE_WARNING: the next large export may not fit
 
 
 def disk() -> DiskUse:
     files = storage()
-    free, total = files.free_bytes()
-    return DiskUse(used=files.used_bytes(), parts=files.parts_bytes(), free=free, total=total,
-                   low=free < current_app.config["DISK_FREE_WARNING"])
+    entries = files.entries()  # listed once: a bucket's listing is a request or more
+    used = sum(size for _name, size, _mtime in entries)
+    parts = sum(size for name, size, _mtime in entries if name.endswith(".part"))
+    free, total = files.free_bytes() or (None, None)
+    return DiskUse(used=used, parts=parts, free=free, total=total,
+                   low=free is not None and free < current_app.config["DISK_FREE_WARNING"])
 
 
 def verify(job: ExportJob, digest: bool = True) -> str | None:
@@ -94,7 +97,8 @@ def prune_sessions(now: datetime) -> int:
 
 def sweep(now: datetime | None = None) -> SweepReport:
     """Expire succeeded jobs older than EXPORT_RETENTION, check that every other succeeded
-    job's file is there with its recorded size, and delete files no job needs.
+    job's file is there with its recorded size, and delete files no job needs (older than
+    ORPHAN_GRACE; in a bucket, also abort the multipart uploads of jobs no longer running).
 
     The check is cheap (the folder is listed once, for the orphans too; only a file that looks
     wrong is looked at again) so it fits the critical lane's hard timeout; reading every byte
@@ -137,7 +141,7 @@ def sweep(now: datetime | None = None) -> SweepReport:
             log.warning("retention: %s", problem)
             report.damaged.append(job_id)
 
-    settled = time.time() - ORPHAN_GRACE
+    settled = time.time() - current_app.config["ORPHAN_GRACE"]
     for name, _size, modified in listing:
         match = OUR_FILE.fullmatch(name)
         if match is None or modified > settled:

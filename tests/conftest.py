@@ -372,6 +372,22 @@ def run_inline(app, email: str, dataset: str = "transactions", params: dict | No
         return job
 
 
+@pytest.fixture(scope="session")
+def s3():
+    """An S3 server (moto's server mode) in this process: tests/s3server.py."""
+    from s3server import S3Server
+
+    server = S3Server().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def bucket(s3) -> str:
+    """A fresh, empty bucket on the `s3` server."""
+    return s3.new_bucket()
+
+
 @pytest.fixture(scope="module")
 def smtp():
     """A real SMTP server (aiosmtpd) in this process, one per test module."""

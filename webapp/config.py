@@ -86,6 +86,27 @@ def _base_url(production: bool) -> str:
     return f"http://127.0.0.1:{os.environ.get('PORT') or DEFAULT_PORT}"
 
 
+def _storage_url() -> str:
+    """STORAGE_URL: `s3://bucket/prefix` puts export files in that bucket; unset, EXPORT_DIR."""
+    url = os.environ.get("STORAGE_URL", "").strip()
+    if url and (not url.startswith("s3://") or not url[5:].split("/")[0]):
+        raise ConfigError(f"STORAGE_URL must look like s3://bucket/prefix, not {url!r}")
+    return url
+
+
+MIN_PART_SIZE = 5 * 1024**2  # the smallest part S3 accepts (all but an upload's last)
+
+
+def _part_size(production: bool) -> int:
+    """S3_PART_SIZE: the bytes of each part (and checkpoint) of a bucket's upload. Smaller
+    than S3's 5 MiB only outside production (tests, against a server configured for it)."""
+    size = int(os.environ.get("S3_PART_SIZE", 16 * 1024**2))
+    if size < MIN_PART_SIZE and production:
+        raise ConfigError(f"S3_PART_SIZE must be at least {MIN_PART_SIZE} bytes (5 MiB): "
+                          "S3 refuses smaller parts")
+    return size
+
+
 def load_or_exit() -> dict:
     """`load`, but a missing or refused setting stops start-up with one line, no traceback."""
     try:
@@ -112,6 +133,15 @@ def load() -> dict:
         # The form's row estimate gives up after this (a page waits for it).
         "ROW_ESTIMATE_TIMEOUT": _seconds("ROW_ESTIMATE_TIMEOUT", 2),
         "EXPORT_DIR": os.environ.get("EXPORT_DIR") or str(instance / "exports"),
+        "STORAGE_URL": _storage_url(),
+        # An S3-compatible server's address (MinIO, Ceph, R2, Garage...); unset: AWS S3.
+        # Region and credentials: the standard AWS variables (docs/configuration.md).
+        "S3_ENDPOINT_URL": os.environ.get("S3_ENDPOINT_URL", "").strip(),
+        "S3_PART_SIZE": _part_size(production),
+        # Downloads from a bucket redirect to a presigned address valid this long; off, the
+        # app streams the file (a bucket the browsers cannot reach).
+        "DOWNLOAD_REDIRECT": _flag("DOWNLOAD_REDIRECT", True),
+        "DOWNLOAD_URL_TTL": timedelta(seconds=_seconds("DOWNLOAD_URL_TTL", 300)),
         "EXPORT_BATCH_ROWS": int(os.environ.get("EXPORT_BATCH_ROWS", 10_000)),
         "CHECKPOINT_INTERVAL": _seconds("CHECKPOINT_INTERVAL", 0.5),
         # Start csv and csv.gz files with a UTF-8 byte order mark, so Excel reads them as UTF-8.
@@ -144,6 +174,9 @@ def load() -> dict:
         # A login lasts at most this long, however active; then log in again.
         "SESSION_MAX_AGE": timedelta(seconds=_seconds("SESSION_MAX_AGE", 14 * 86400)),
         "EXPORT_RETENTION": timedelta(seconds=_seconds("EXPORT_RETENTION", 7 * 86400)),
+        # Retention deletes a file or part (a bucket's multipart upload) no job needs once it
+        # is this old: younger, it may belong to a transaction still in flight.
+        "ORPHAN_GRACE": _seconds("ORPHAN_GRACE", 3600),
         # A failed attempt keeps its part to resume from only while parts hold at most this.
         "EXPORT_PARTS_BUDGET": int(os.environ.get("EXPORT_PARTS_BUDGET", 2 * 1024**3)),
         # The lanes page warns when the export folder's disk has less free space than this.

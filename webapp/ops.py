@@ -77,8 +77,10 @@ class Collector:
         disk = retention.disk()
         yield GaugeMetricFamily("exportdesk_export_disk_bytes",
                                 "Bytes held by export files and parts.", value=disk.used)
-        yield GaugeMetricFamily("exportdesk_export_disk_free_bytes",
-                                "Bytes still free on the export folder's disk.", value=disk.free)
+        if disk.free is not None:  # a bucket has no disk to fill
+            yield GaugeMetricFamily("exportdesk_export_disk_free_bytes",
+                                    "Bytes still free on the export folder's disk.",
+                                    value=disk.free)
         yield from self._attempts()
 
     def _attempts(self):
