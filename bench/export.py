@@ -5,6 +5,7 @@ tutorial pattern (ORM objects, OFFSET pages); peak RSS of the worker by export s
     python bench/export.py --quick         # 200k rows; RSS at 20k, 100k and 200k
     python bench/export.py --rows 5000000 --rss 100000,5000000 --postgres URL
     python bench/export.py --formats csv   # only csv (default csv,csv.gz,xlsx)
+    python bench/export.py --storage s3    # also into a bucket (moto), in turns with the folder
 
 The reference is the plain command a user would type instead: `sqlite3 -csv -header db "select
 <the columns> … where org_id = … order by id"` or `psql -c "\copy (…) to stdout with (format csv,
@@ -292,10 +293,10 @@ def worker_rss(inst: Path, env: dict, me: list[str], fmt: str) -> tuple[int, int
 class Consumer:
     """A real `flask worker exports` (one worker process) that the speed runs send jobs to."""
 
-    def __init__(self, inst: Path, env: dict, me: list[str]):
+    def __init__(self, env: dict, me: list[str]):
         from sqlalchemy import create_engine
 
-        self.inst, self.me, self.env = inst, me, {**env, "LANE_EXPORTS_WORKERS": "1"}
+        self.me, self.env = me, {**env, "LANE_EXPORTS_WORKERS": "1"}
         self.process = subprocess.Popen([sys.executable, "-m", "flask", "worker", "exports"],
                                         cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL,
                                         stderr=subprocess.DEVNULL, start_new_session=True)
@@ -313,8 +314,8 @@ class Consumer:
         deadline, pid = time.monotonic() + 1800, None
         while time.monotonic() < deadline:
             with self.database.connect() as conn:
-                state, started, finished, name, claim = conn.execute(text(
-                    "select state, started_at, finished_at, file_name, claimed_by "
+                state, started, finished, size, claim = conn.execute(text(
+                    "select state, started_at, finished_at, bytes, claimed_by "
                     "from export_jobs where id = :id"), {"id": job_id}).one()
             if state in ("succeeded", "failed", "cancelled"):
                 break
@@ -329,7 +330,7 @@ class Consumer:
         if pid:
             self.worker = max(self.worker, _peak_rss(pid))
         seconds = (_moment(finished) - _moment(started)).total_seconds()
-        return seconds, self.worker, self.reader, (self.inst / "exports" / name).stat().st_size
+        return seconds, self.worker, self.reader, size
 
     def stop(self) -> None:
         os.killpg(self.process.pid, signal.SIGINT)
@@ -384,6 +385,40 @@ def pg_database(server: str, name: str, template: str = "") -> str:
 
 Row = tuple[str, str, str, int, Run]  # database, format, what ran, rows, its figures
 ENGINE = "exportdesk"
+IN_BUCKET = "exportdesk, into a bucket (moto)"
+BUCKET: dict[str, str] = {}  # --storage s3: the settings of a bucket on a local moto server
+
+
+def moto_bucket(work: Path) -> subprocess.Popen:
+    """moto's S3 server, a process of its own on a free port, with a bucket; its settings go
+    into BUCKET."""
+    import socket
+
+    import boto3
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([shutil.which("moto_server", path=Path(sys.executable).parent),
+                               "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=(work / "moto.log").open("wb"), stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{port}"
+    credentials = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                   "AWS_DEFAULT_REGION": "us-east-1"}
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                         aws_access_key_id="bench",
+                         aws_secret_access_key="bench").create_bucket(Bucket="bench")
+            break
+        except Exception:  # not listening yet
+            if time.monotonic() > deadline:
+                server.kill()
+                raise
+            time.sleep(0.2)
+    BUCKET.update(credentials, STORAGE_URL="s3://bench/exports", S3_ENDPOINT_URL=endpoint)
+    return server
 TARGETS = {"SQLite": 1.5, "PostgreSQL": 1.2}  # csv: at least this times the plain tool's speed
 
 
@@ -391,20 +426,24 @@ def speed(database: str, formats: list[str], me: list[str], inst: Path, env: dic
           repeat: int, tool: str, plain: list[str], formatted: list[str]) -> list[Row]:
     """The engine in each format (jobs sent to a real consumer) and the plain tool (csv, and
     piped into gzip -6 for csv.gz), then the tool on the formatting query, all in turns."""
-    consumer = Consumer(inst, env, me)
+    consumers = {ENGINE: Consumer(env, me)}
+    if BUCKET:
+        consumers[IN_BUCKET] = Consumer({**env, **BUCKET}, me)
     try:
-        return _speed(consumer, database, formats, inst, env, rows, repeat, tool, plain,
+        return _speed(consumers, database, formats, inst, env, rows, repeat, tool, plain,
                       formatted)
     finally:
-        consumer.stop()
+        for consumer in consumers.values():
+            consumer.stop()
 
 
-def _speed(consumer: Consumer, database: str, formats: list[str], inst: Path, env: dict,
-           rows: int, repeat: int, tool: str, plain: list[str],
+def _speed(consumers: dict[str, Consumer], database: str, formats: list[str], inst: Path,
+           env: dict, rows: int, repeat: int, tool: str, plain: list[str],
            formatted: list[str]) -> list[Row]:
     runs: list[tuple[str, str, Callable[[], Run]]] = []
     for fmt in formats:
-        runs.append((fmt, ENGINE, partial(consumer.run, fmt)))
+        for label, consumer in consumers.items():
+            runs.append((fmt, label, partial(consumer.run, fmt)))
     runs.append(("csv", f"{tool} (plain)", partial(measure, plain, env, inst / "plain.csv")))
     if "csv.gz" in formats:
         piped = ["sh", "-c", f"{shlex.join(plain)} | gzip -6"]
@@ -427,6 +466,9 @@ def main() -> None:
                         help="rows for the tutorial pattern (OFFSET is quadratic)")
     parser.add_argument("--postgres", default=os.environ.get("BENCH_POSTGRES_URL", PG_DEFAULT),
                         help="PostgreSQL server URL ('' to skip)")
+    parser.add_argument("--storage", choices=["local", "s3"], default="local",
+                        help="s3: each export also into a bucket of a local moto server, "
+                             "in turns with the local folder (an overhead ratio, not S3's speed)")
     parser.add_argument("--repeat", type=int, default=3,
                         help="runs of the engine and of the reference tool, in turns (best)")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
@@ -448,6 +490,7 @@ def main() -> None:
     me = [sys.executable, str(Path(__file__).resolve())]
     work = Path(tempfile.mkdtemp(prefix="exportdesk-bench-"))
     table: list[Row] = []
+    moto = moto_bucket(work) if args.storage == "s3" else None
     try:
         # SQLite: speed at --rows, against sqlite3 -csv and the tutorial pattern.
         sizes = sorted({args.rows, args.floor_rows, *rss_sizes})
@@ -496,6 +539,9 @@ def main() -> None:
                     pg_database(args.postgres, name)
         report(table, rss)
     finally:
+        if moto:
+            moto.kill()
+            moto.wait()
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -522,7 +568,7 @@ def report(table: list[Row], rss: dict[tuple[str, int], tuple[int, int]]) -> Non
         ours, theirs = rate(database, fmt, label), rate(database, fmt, tool(database, fmt))
         if fmt == "xlsx":
             theirs = rate(database, "csv", tool(database, "csv"))
-        versus = f"{ours / theirs:.2f}×" if label == ENGINE and theirs else ""
+        versus = f"{ours / theirs:.2f}×" if label in (ENGINE, IN_BUCKET) and theirs else ""
         print(f"{database:10} {fmt:6} {label:34} {rows:>10,} {seconds:>8.2f} "
               f"{rows / seconds:>10,.0f} {size:>12,} {peak / 2**20:>7.0f}MB "
               f"{f'{reader / 2**20:.0f}MB' if reader else '':>9} {versus:>8}")
@@ -548,6 +594,13 @@ def report(table: list[Row], rss: dict[tuple[str, int], tuple[int, int]]) -> Non
         xlsx = rate(database, "xlsx", ENGINE)
         if xlsx and plain:
             print(f"{database} xlsx: {xlsx / plain:.2f}× the plain csv tool")
+        for fmt in dict.fromkeys(f for d, f, label, _, _ in table
+                                 if d == database and label == IN_BUCKET):
+            local, bucket = rate(database, fmt, ENGINE), rate(database, fmt, IN_BUCKET)
+            if local and bucket:
+                print(f"{database} {fmt}: into the bucket takes {local / bucket:.2f}× the time "
+                      "into the local folder (moto on this machine: the storage path's "
+                      "overhead, not S3's speed)")
     floor = rate("SQLite", "csv", "tutorial: ORM + OFFSET")
     if floor and rate("SQLite", "csv", ENGINE):
         print(f"SQLite csv: {rate('SQLite', 'csv', ENGINE) / floor:.1f}× the tutorial pattern "
