@@ -1,5 +1,5 @@
-"""Work done one step behind the caller, in a thread of its own: the deflate of csv.gz and of
-xlsx (ISA-L lets go of the GIL) runs while the next page is read and built. One
+"""Work done one step behind the caller, in a thread of its own: the deflate of xlsx (ISA-L lets
+go of the GIL) runs while the next page's cells are built. One
 step in flight at most, so memory holds two pages; its error (a full disk) is raised at the
 next step or `wait`, in the caller's thread."""
 

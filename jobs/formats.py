@@ -12,7 +12,6 @@ from isal import isal_zlib
 from sqlalchemy import Connection
 
 from jobs import pages
-from jobs.behind import OneBehind
 from jobs.checkpoints import Checkpoint, fault, record_checkpoint
 from jobs.csvrows import header
 from jobs.datasets import Dataset, InvalidParams
@@ -135,8 +134,6 @@ def stream(
                 last_checkpoint = time.monotonic()
     finally:
         reader.close()  # also on cancel: stop reading ahead
-        if gzip:
-            gzip.close()
     checkpoint(complete=True)
     return position
 
@@ -148,31 +145,25 @@ GZIP_LEVEL = 3
 
 
 class GzipMembers:
-    """csv.gz's deflate: ISA-L, one page behind the reading (`jobs.behind`). `end_member`
-    closes the gzip member (concatenated members are one gzip stream, RFC 1952): the bytes a
-    checkpoint counts are then a whole stream, and a resume appends new members."""
+    """csv.gz's deflate: ISA-L, in the writing thread (it lets go of the GIL: the pages are read
+    in threads of their own meanwhile), so that `out.size` counts every page written when the
+    writer asks whether a checkpoint is due (a bucket's part boundary: the same pages close the
+    same members when a resume writes them again). `end_member` closes the gzip member
+    (concatenated members are one gzip stream, RFC 1952): the bytes a checkpoint counts are
+    then a whole stream, and a resume appends new members."""
 
     def __init__(self, out: Part):
         self._out, self._member = out, None
-        self._behind = OneBehind("deflate")
 
     def write(self, data: bytes | bytearray) -> None:
-        self._behind.submit(self._deflate, data)
-
-    def _deflate(self, data: bytes | bytearray) -> None:
         if self._member is None:  # wbits 31: gzip framing
             self._member = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, 31)
         self._out.write(self._member.compress(data))
 
     def end_member(self) -> None:
-        self._behind.wait()
         if self._member is not None:
             self._out.write(self._member.flush())
             self._member = None
-
-    def close(self) -> None:
-        """Nothing writes `out` after this (the page in flight is written first)."""
-        self._behind.close()
 
 
 def _stream_xlsx(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[str, str],

@@ -44,15 +44,20 @@ def side_by_side(end_after: Callable[[object], object],
     with ThreadPoolExecutor(in_flight, thread_name_prefix="page") as pool:
         pending: deque = deque()  # (page being read, is it the last)
         start, more = after, True
-        while more or pending:
+
+        def fill() -> None:
+            nonlocal start, more
             while more and len(pending) < in_flight:
                 end = end_after(start)
                 pending.append((pool.submit(fetch, start, end), end is None))
                 start, more = end, end is not None
+
+        fill()
+        while pending:
             future, last = pending.popleft()
             page = future.result()
-            if page is None:  # a range emptied meanwhile, or nothing left
-                continue
-            if last and page.rows == size:
+            if page is not None and last and page.rows == size:
                 start, more = page.last_key, True
-            yield page
+            fill()  # `in_flight` pages read while the caller writes this one
+            if page is not None:  # None: a range emptied meanwhile, or nothing left
+                yield page

@@ -81,11 +81,10 @@ class FullDisk(Part):
         return super().write(data)
 
 
-def test_a_write_failing_in_the_deflate_thread_fails_the_export_and_it_resumes_byte_for_byte(
+def test_a_write_failing_in_the_deflate_fails_the_export_and_it_resumes_byte_for_byte(
         app, tmp_path):
-    """The deflate thread's error reaches the export (not lost in the thread); the part then
-    ends inside a member, and a resume from the last checkpoint gives the same file as an
-    uninterrupted export."""
+    """A full disk under the deflate fails the export; the part then ends inside a member, and
+    a resume from the last checkpoint gives the same file as an uninterrupted export."""
     with Part.create(tmp_path / "whole") as out:
         _stream(app, out, Checkpoint(), lambda cp: None, "csv.gz")
     whole = (tmp_path / "whole").read_bytes()

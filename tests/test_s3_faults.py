@@ -14,7 +14,7 @@ from instances import Instance
 from test_faults import content
 
 pytestmark = pytest.mark.integration
-ROWS = 20_000  # about 1 MB of csv for the user: some 15 parts of 64 KiB
+ROWS = 40_000  # about 2 MB of csv for the user: some 30 parts of 64 KiB (csv.gz: 4)
 CONSUMER_ENV = {"JOB_LEASE": "600", "RECONCILE_INTERVAL": "1", "RECONCILE_GRACE": "1",
                 "EXPORT_BATCH_ROWS": "500", "LANE_EXPORTS_WORKERS": "1"}
 STREAMED = ["written:3", "synced:3", "checkpointed:3", "final", "published", "committed"]
