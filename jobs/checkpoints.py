@@ -64,7 +64,8 @@ def fault(step: str) -> None:
     the final checkpoint not yet committed), published (the file renamed into place, the job
     not yet marked succeeded), committed (marked succeeded, the email not yet handed to its
     lane); and ended_stopped (a claim ended a cancelled attempt whose worker went silent, not
-    yet committed). Refused in production (webapp.config).
+    yet committed); webhook_sent (an endpoint answered, the delivery not yet recorded).
+    Refused in production (webapp.config).
     """
     spec = current_app.config.get("FAULT_INJECT", "") if has_app_context() else ""
     name, _, nth = spec.partition(":")

@@ -1,5 +1,6 @@
 """The data model: organisations, users, API tokens, export jobs and their attempts, emails,
-the audit log, and the demo tables: what the workers and the web app both read and write."""
+schedules, webhooks, the audit log, and the demo tables: what the workers and the web app both
+read and write."""
 
 from __future__ import annotations
 
@@ -210,6 +211,10 @@ class ExportJob(db.Model):
     claimed_by: Mapped[str | None] = mapped_column(String(160), default=None)
     lease_expires_at: Mapped[datetime | None] = mapped_column(default=None)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), default=None)
+    # The schedule this job is a run of (jobs.schedules); NULL for an export asked for by hand
+    # (or once its schedule is deleted: jobs.schedules.delete unlinks its runs first).
+    schedule_id: Mapped[int | None] = mapped_column(ForeignKey("schedules.id"), index=True,
+                                                    default=None)
     user: Mapped[User] = relationship()
     organisation: Mapped[Organisation] = relationship()
     attempts: Mapped[list[JobAttempt]] = relationship(
@@ -326,6 +331,106 @@ class OutboundEmail(db.Model):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     claimed_at: Mapped[datetime | None] = mapped_column(default=None)  # its last attempt began
     sent_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class Schedule(db.Model):
+    """A recurring export: which export (dataset, format, fixed parameters, a date range
+    relative to each run), when (a cron expression in an IANA time zone; the presets are
+    written as one), and where it stands (next run, consecutive failures, paused)."""
+
+    __tablename__ = "schedules"
+    __table_args__ = (Index("ix_schedules_paused_at_next_run_at", "paused_at", "next_run_at"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organisations.id"))
+    name: Mapped[str] = mapped_column(String(120))
+    dataset: Mapped[str] = mapped_column(String(60))
+    format: Mapped[str] = mapped_column(String(10), default="csv")
+    params: Mapped[dict] = mapped_column(JSON, default=dict)  # fixed, cleaned parameters
+    # A relative date range (jobs.schedules.RANGES) on the dataset's range parameter
+    # `range_param`, resolved at each run; `range_days` for "last_n_days".
+    date_range: Mapped[str | None] = mapped_column(String(20), default=None)
+    range_param: Mapped[str | None] = mapped_column(String(60), default=None)
+    range_days: Mapped[int | None] = mapped_column(default=None)
+    cron: Mapped[str] = mapped_column(String(120))
+    timezone: Mapped[str] = mapped_column(String(64), default="UTC")
+    skip_when_empty: Mapped[bool] = mapped_column(default=False)
+    next_run_at: Mapped[datetime]  # naive UTC, like every time stored here
+    last_run_at: Mapped[datetime | None] = mapped_column(default=None)  # the slot last run
+    last_skipped_at: Mapped[datetime | None] = mapped_column(default=None)  # empty, skipped
+    failures: Mapped[int] = mapped_column(default=0)  # consecutive failed runs
+    paused_at: Mapped[datetime | None] = mapped_column(default=None)
+    pause_reason: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    user: Mapped[User] = relationship()
+    organisation: Mapped[Organisation] = relationship()
+
+    @property
+    def paused(self) -> bool:
+        return self.paused_at is not None
+
+
+class WebhookEndpoint(db.Model):
+    """Where a user (or, for an admin, their whole organisation) is told of events: a URL, the
+    event types it wants, and its signing secret; the previous secret stays valid for a while
+    after a rotation, so both sign meanwhile (jobs.webhooks)."""
+
+    __tablename__ = "webhook_endpoints"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id"), index=True)
+    org_id: Mapped[int] = mapped_column(ForeignKey("organisations.id"), index=True)
+    organisation_wide: Mapped[bool] = mapped_column(default=False)  # every member's events
+    url: Mapped[str] = mapped_column(String(2000))
+    events: Mapped[list] = mapped_column(JSON, default=list)
+    secret: Mapped[str] = mapped_column(String(100))
+    previous_secret: Mapped[str | None] = mapped_column(String(100), default=None)
+    previous_until: Mapped[datetime | None] = mapped_column(default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    user: Mapped[User] = relationship()
+
+
+class DeliveryState:
+    QUEUED = "queued"
+    SENDING = "sending"
+    RETRYING = "retrying"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+    CLAIMABLE = (QUEUED, RETRYING)
+
+
+class WebhookDelivery(db.Model):
+    """One event for one endpoint, its body fixed when the event happened: every attempt (and
+    a resend) sends the same bytes with the same webhook-id, so the receiver can drop repeats."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (Index("ix_webhook_deliveries_endpoint_id_event_id", "endpoint_id",
+                            "event_id", unique=True),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    endpoint_id: Mapped[int] = mapped_column(ForeignKey("webhook_endpoints.id",
+                                                        ondelete="CASCADE"))
+    event_id: Mapped[str] = mapped_column(String(64))
+    event_type: Mapped[str] = mapped_column(String(40))
+    body: Mapped[str] = mapped_column(Text)
+    state: Mapped[str] = mapped_column(String(20), default=DeliveryState.QUEUED)
+    attempts: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    claimed_at: Mapped[datetime | None] = mapped_column(default=None)
+    delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+    log: Mapped[list[WebhookAttempt]] = relationship(
+        order_by="WebhookAttempt.id", cascade="all, delete-orphan", passive_deletes=True)
+
+
+class WebhookAttempt(db.Model):
+    """One try of a delivery: when, the endpoint's status code, or why there was none."""
+
+    __tablename__ = "webhook_attempts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    delivery_id: Mapped[int] = mapped_column(
+        ForeignKey("webhook_deliveries.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    status_code: Mapped[int | None] = mapped_column(default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
 
 
 class AdminAction(db.Model):

@@ -8,7 +8,7 @@ import os
 from flask import current_app
 from huey import crontab
 
-from jobs import dispatch, engine, lanes, mail, retention
+from jobs import dispatch, engine, lanes, mail, retention, schedules, webhooks
 
 log = logging.getLogger(__name__)
 FAIR_SHARE_RETRY_SECONDS = 1.0
@@ -58,9 +58,22 @@ RECONCILE_INTERVAL = float(os.environ.get("RECONCILE_INTERVAL", 30))
 
 @RECONCILE_LANE.every(RECONCILE_INTERVAL, name="reconcile")
 def reconcile() -> None:
-    """Send the jobs and emails whose message never reached its lane or that the broker lost,
-    and put back jobs whose worker died (see jobs.dispatch.reconcile)."""
+    """Send the jobs, emails and webhook deliveries whose message never reached its lane or
+    that the broker lost, and put back jobs (and deliveries) whose worker died (see
+    jobs.dispatch.reconcile, jobs.webhooks)."""
     dispatch.reconcile(current_app.config["RECONCILE_GRACE"])
+    webhooks.release_stalled()
+    webhooks.send_lost(current_app.config["RECONCILE_GRACE"])
+
+
+SCHEDULER_INTERVAL = float(os.environ.get("SCHEDULER_INTERVAL", 30))
+
+
+@lanes.critical.every(SCHEDULER_INTERVAL, name="schedules")
+def run_schedules() -> None:
+    """Make the runs of the schedules that are due (jobs.schedules.tick): every critical
+    consumer enqueues it, and the schedule's row lock makes each run exactly once."""
+    schedules.tick()
 
 
 @lanes.critical.task(name="send_email", timeout=lanes.critical.settings.timeout,
@@ -69,6 +82,13 @@ def reconcile() -> None:
 def send_email(email_id: int) -> None:
     """Send one recorded email once; a failed attempt raises, so the lane retries it later."""
     mail.deliver(email_id, mail.EMAIL_ATTEMPTS)
+
+
+# Retries are the delivery's own (jobs.webhooks.RETRY_DELAYS, over hours), counted in its row.
+@lanes.critical.task(name="send_webhook", retries=0)
+def send_webhook(delivery_id: int) -> None:
+    """One attempt of a webhook delivery; a failed one is scheduled again by jobs.webhooks."""
+    webhooks.deliver(delivery_id)
 
 
 @lanes.critical.periodic_task(crontab(minute="*/10"), name="housekeeping",

@@ -49,6 +49,10 @@ PAGES = {
     "admin-lanes": (ADMIN, "/admin/lanes"),
     "admin-people": (ADMIN, "/admin/people/"),
     "account": (ALICE, "/account"),
+    "schedules": (ALICE, "/schedules"),
+    "new-schedule": (ALICE, "/schedules/new?job={job}"),
+    "admin-schedules": (ADMIN, "/admin/schedules"),
+    "webhooks": (ALICE, "/webhooks"),
 }
 
 # Every form control of a card ends inside it (a date input or a select can be wider than

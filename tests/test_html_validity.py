@@ -11,7 +11,8 @@ import pytest
 from conftest import ROOT, login, run_inline
 from sqlalchemy import select
 
-from jobs.models import ExportJob, JobState, OutboundEmail, db
+from jobs import schedules
+from jobs.models import ExportJob, JobState, OutboundEmail, Schedule, db
 from webapp import emails
 from webapp.auth import create_token, find_user
 from webapp.times import iso_time
@@ -70,6 +71,11 @@ def test_every_email_html_has_a_title(fresh):
         db.session.add(failed)
         db.session.flush()
         emails.export_finished(failed)
+        schedule = schedules.define(Schedule(), alice, {"name": "Nightly", "dataset": "orders",
+                                                        "repeat": "daily", "at": "03:00"})
+        db.session.add(schedule)
+        db.session.flush()
+        schedules.auto_pause(schedule, "its owner's account is disabled")
         db.session.commit()
         sent = db.session.scalars(select(OutboundEmail)).all()
         kinds = {email.kind for email in sent}
@@ -77,5 +83,7 @@ def test_every_email_html_has_a_title(fresh):
             title = re.search(r"<head>.*<title>([^<]+)</title>.*</head>", email.html_body, re.S)
             assert title and title.group(1) == email.subject, email.kind
     templates = {path.stem for path in (Path(ROOT) / "templates" / "mail").glob("*.html")}
-    assert templates == {"export_ready", "export_failed", "password_reset", "invitation"}
-    assert kinds == {"download-link", "export-failed", "password-reset", "invitation"}
+    assert templates == {"export_ready", "export_failed", "password_reset", "invitation",
+                         "schedule_paused"}
+    assert kinds == {"download-link", "export-failed", "password-reset", "invitation",
+                     "schedule-paused"}

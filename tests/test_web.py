@@ -180,7 +180,7 @@ def test_api_create_with_bearer_token_returns_202_job(app, client, token):
     assert set(job) == {"id", "state", "lane", "dataset", "format", "params", "rows_done",
                         "rows_total", "progress", "bytes", "sha256", "created_at", "started_at",
                         "finished_at", "error", "utf8_replaced", "xlsx_truncated",
-                        "download_url", "lane_paused", "ahead"}
+                        "download_url", "lane_paused", "ahead", "schedule_id"}
     assert job["state"] == "queued" and job["lane"] == "exports"
     assert job["lane_paused"] is False and isinstance(job["ahead"], int)
     assert job["params"] == {"status": "open"} and job["download_url"] is None

@@ -29,8 +29,10 @@ from webapp import (
     headers,
     links,
     ops,
+    schedules,
     times,
     views,
+    webhooks,
 )
 from webapp.extensions import csrf, login_manager, migrate
 
@@ -107,6 +109,8 @@ def create_app(test_config: dict | None = None) -> Flask:
     app.register_blueprint(links.bp)
     app.register_blueprint(admin.bp)
     app.register_blueprint(ops.bp)
+    app.register_blueprint(schedules.bp)
+    app.register_blueprint(webhooks.bp)
     cli.init_app(app)
     _register_error_pages(app)
     headers.init_app(app)

@@ -162,6 +162,15 @@ def load() -> dict:
         "DOWNLOAD_LINK_TTL": timedelta(seconds=_seconds("DOWNLOAD_LINK_TTL", 7 * 86400)),
         "DOWNLOAD_LINK_LOGIN": _flag("DOWNLOAD_LINK_LOGIN", False),
         "EXPORT_FAILURE_EMAIL": _flag("EXPORT_FAILURE_EMAIL", True),
+        # A schedule whose runs failed this many times in a row pauses itself and emails its
+        # owner (docs/schedules.md); 0: never.
+        "SCHEDULE_FAILURE_LIMIT": int(os.environ.get("SCHEDULE_FAILURE_LIMIT", 3)),
+        # Webhooks (docs/webhooks.md): seconds an endpoint has to answer; whether endpoints may
+        # be private, loopback or link-local addresses (off: a webhook cannot probe the
+        # internal network); a factor on the retry delays (tests shrink them).
+        "WEBHOOK_TIMEOUT": _seconds("WEBHOOK_TIMEOUT", 5),
+        "WEBHOOK_ALLOW_PRIVATE": _flag("WEBHOOK_ALLOW_PRIVATE", False),
+        "WEBHOOK_RETRY_SCALE": _seconds("WEBHOOK_RETRY_SCALE", 1.0),
         "PASSWORD_RESET_TTL": timedelta(seconds=_seconds("PASSWORD_RESET_TTL", 3600)),
         "INVITATION_TTL": timedelta(seconds=_seconds("INVITATION_TTL", 7 * 86400)),
         # Failed logins allowed per account (email as typed) and per client address within

@@ -10,7 +10,7 @@ from flask import Flask, current_app, render_template
 from sqlalchemy import select
 
 from jobs import datasets, dispatch, signals
-from jobs.models import ExportJob, JobState, OutboundEmail, User, db, utcnow
+from jobs.models import ExportJob, JobState, OutboundEmail, Schedule, User, db, utcnow
 from webapp.tokens import DownloadGrant, download_token, invitation_token, reset_token
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,25 @@ def download_email(job: ExportJob, key: str, fresh: bool = False) -> OutboundEma
 
 
 def init_app(app: Flask) -> None:
-    """Answer the core's signals for this app: an export that ended emails its owner."""
+    """Answer the core's signals for this app: an export that ended, or a schedule that
+    paused itself, emails its owner."""
     signals.export_finished.connect(_on_export_finished, app, weak=False)
+    signals.schedule_paused.connect(_on_schedule_paused, app, weak=False)
+
+
+def _on_schedule_paused(_app: Flask, schedule: Schedule) -> None:
+    schedule_paused(schedule)
+
+
+def schedule_paused(schedule: Schedule) -> OutboundEmail | None:
+    """Tell the owner their schedule paused itself, why, and how to resume it; once per pause."""
+    dataset = datasets.get(schedule.dataset)
+    return queue_email(
+        f"schedule-paused:{schedule.id}:{schedule.paused_at:%Y%m%d%H%M%S}", "schedule-paused",
+        schedule.user.email, f"Your schedule “{schedule.name}” is paused", "schedule_paused",
+        schedule=schedule, title=dataset.title if dataset else schedule.dataset,
+        page=external_url(f"/schedules/{schedule.id}"),
+    )
 
 
 def _on_export_finished(_app: Flask, job: ExportJob) -> None:
