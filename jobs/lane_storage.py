@@ -1,14 +1,23 @@
-"""Lane storages: Huey's SQLite, Redis and memory storages, each with the reads a lane needs."""
+"""Lane storages: Huey's SQLite, Redis, PostgreSQL and memory storages, each with the reads a
+lane needs."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
 from typing import NoReturn
 
-from huey.storage import BaseStorage, MemoryStorage, RedisStorage, SqliteStorage
+from huey.storage import (
+    BaseStorage,
+    MemoryStorage,
+    PostgresStorage,
+    RedisStorage,
+    SqliteStorage,
+)
 from redis import ConnectionPool
+from sqlalchemy import make_url
 
 
 def _minute(ts: float) -> int:
@@ -108,6 +117,65 @@ class RedisLaneStorage(LaneStorage, RedisStorage):
         return [*scheduled, *queued]
 
 
+class PostgresLaneStorage(LaneStorage, PostgresStorage):
+    """A lane's queue in PostgreSQL tables (`lane_task`, `lane_schedule`, `lane_kv`,
+    `lane_counter`, shared by the lanes, a `queue` column apart): a worker takes a message with
+    `FOR UPDATE SKIP LOCKED` and, while there is none, waits on the lane's LISTEN channel, which
+    every enqueue notifies, so pickup does not wait for a poll (Huey's PostgresStorage)."""
+
+    kind = "postgresql"
+    PREFIX = "lane"
+    _SCHEMA_LOCK = 0x6C616E65  # pg_advisory_xact_lock key ("lane"): one creator at a time
+    _schema_ready = False  # set once this storage's first connection has made the tables
+
+    @classmethod
+    def from_url(cls, name: str, url: str) -> PostgresLaneStorage:
+        # The SQLAlchemy spelling (postgresql+psycopg://) as libpq's; connect_timeout as for
+        # Redis: a broker that does not answer fails a submission fast, the reconciler resends.
+        dsn = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+        return cls(name, dsn=dsn, blocking=True, read_timeout=1, table_prefix=cls.PREFIX,
+                   create_tables=False, connect_timeout=5)
+
+    def _create_connection(self):
+        """The tables made on first use, not at start-up (a command that never queues leaves
+        the database alone); under an advisory lock, since concurrent `create table if not
+        exists` can collide in PostgreSQL's catalogue."""
+        conn = self._connect()
+        if not self._schema_ready:
+            with conn.transaction():
+                conn.execute("select pg_advisory_xact_lock(%s)", (self._SCHEMA_LOCK,))
+                for statement in self.ddl:
+                    conn.execute(statement)
+            self._schema_ready = True
+        return conn
+
+    def enqueue(self, data: bytes, priority: float | None = None) -> None:
+        """Huey's enqueue in one statement (one round trip, not four): the row and its
+        notification, which PostgreSQL delivers when the row commits."""
+        self.sql(f"with queued as (insert into {self.table_task} (queue, data, priority) "
+                 "values (%s, %s, %s) returning 1) select pg_notify(%s, '') from queued",
+                 (self.name, data, priority or 0, self.channel))
+
+    def counts(self, keys: Iterable[str]) -> dict[str, int]:
+        rows = self.sql(f"select key, value from {self.table_counter} "
+                        "where queue = %s and key = any(%s)", (self.name, list(keys)),
+                        results=True)
+        return {key: int(value) for key, value in rows}
+
+    def held_messages(self) -> list[bytes]:
+        # One statement, so one snapshot of both tables.
+        rows = self.sql(f"select data from {self.table_schedule} where queue = %s union all "
+                        f"select data from {self.table_task} where queue = %s",
+                        (self.name, self.name), results=True)
+        return [bytes(data) for (data,) in rows]
+
+    def after_fork(self) -> None:
+        # The child opens its own connections; dropping the parent's objects unclosed sends
+        # nothing on their sockets (psycopg terminates only from the process that opened them).
+        self._conn = None
+        self._listen_local = threading.local()
+
+
 class MemoryLaneStorage(LaneStorage, MemoryStorage):
     """The storage of immediate mode (tests), where tasks run as they are sent."""
 
@@ -140,10 +208,12 @@ class UnconfiguredStorage(LaneStorage, BaseStorage):
 
 
 def open_storage(name: str, broker_url: str, queue_dir: Path | None) -> LaneStorage:
-    """The storage of lane `name`: Redis when broker_url says, else a SQLite file in queue_dir
-    (a stand-in that refuses work until `jobs.lanes.configure` gives either)."""
+    """The storage of lane `name`: Redis or PostgreSQL when broker_url says, else a SQLite file
+    in queue_dir (a stand-in that refuses work until `jobs.lanes.configure` gives one)."""
     if broker_url.startswith(("redis://", "rediss://", "unix://")):
         return RedisLaneStorage.from_url(name, broker_url)
+    if broker_url.startswith(("postgresql://", "postgresql+psycopg://", "postgres://")):
+        return PostgresLaneStorage.from_url(name, broker_url)
     if queue_dir is not None:
         return SqliteLaneStorage.in_dir(name, queue_dir)
     return UnconfiguredStorage(name)

@@ -104,7 +104,8 @@ def stopping() -> bool:
 
 
 class Lane(Huey):
-    """A Huey instance whose storage (SQLite file or Redis keys) is chosen by `configure`.
+    """A Huey instance whose storage (SQLite file, Redis keys or PostgreSQL rows) is chosen by
+    `configure`.
 
     It keeps a small ledger in its own storage (enqueue times, running tasks, consumer
     heartbeats, per-minute counters) so that `health()` answers for every consumer on any host.
@@ -141,7 +142,7 @@ class Lane(Huey):
         return hook
 
     def get_storage(self, **kwargs) -> LaneStorage:
-        """The lane's storage, chosen once (by `configure`): Redis or SQLite, see open_storage."""
+        """The lane's storage, chosen once (by `configure`): see open_storage."""
         return open_storage(self.name, self.broker_url, self.queue_dir)
 
     def get_immediate_storage(self) -> LaneStorage:
@@ -234,6 +235,8 @@ class Lane(Huey):
     def dequeue(self):
         """The next task, or None while the lane is paused (queued work waits in the queue)."""
         if self.paused:
+            if self.storage.blocking:  # Huey's worker sleeps only after a polling storage's
+                time.sleep(self.settings.poll_interval)  # empty read: else it would spin
             return None
         return super().dequeue()
 
@@ -382,13 +385,14 @@ LANES: dict[str, Lane] = {lane.name: lane for lane in (critical, exports)}
 
 def init_app(app: Flask) -> None:
     """Bind every lane to the app: the app context each of its tasks runs in, and its storage
-    (SQLite files in the instance folder, or Redis when BROKER_URL says)."""
+    (SQLite files in the instance folder, or Redis or PostgreSQL when BROKER_URL says)."""
     for lane in LANES.values():
         lane.app = app
     configure(app.config["BROKER_URL"], Path(app.instance_path))
 
 
 def configure(broker_url: str, queue_dir: Path) -> None:
-    """Point every lane at its storage: SQLite files in queue_dir, or Redis when broker_url says."""
+    """Point every lane at its storage: SQLite files in queue_dir, or Redis or PostgreSQL when
+    broker_url says."""
     for lane in LANES.values():
         lane.configure(broker_url, queue_dir)

@@ -28,6 +28,8 @@ SEED_ROWS = 20_000
 # TEST_DATABASE_URL=postgresql+psycopg://postgres@127.0.0.1:5432/postgres: every session (and
 # every stack) gets a fresh database on that server, dropped afterwards.
 TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "")
+# The PostgreSQL server the lanes' tests make their broker databases on (BROKER_URL=postgresql…).
+LANES_POSTGRES_SERVER = TEST_DATABASE_URL or "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 if not TEST_DATABASE_URL:
     os.environ.pop("DATABASE_URL", None)  # never point the suite at a developer's database
 
@@ -487,10 +489,25 @@ def redis_server():
     server.stop()
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(scope="session")
+def postgres_lanes() -> str:
+    """A database of its own on LANES_POSTGRES_SERVER for lanes on PostgreSQL (its URL, to use
+    as BROKER_URL), dropped at the end with whatever connections remain."""
+    from sqlalchemy.exc import OperationalError
+
+    try:
+        create_engine(LANES_POSTGRES_SERVER).connect().close()
+    except OperationalError as exc:
+        require("PostgreSQL", f"lanes on PostgreSQL: {exc}")
+    url = create_database(LANES_POSTGRES_SERVER)
+    yield url
+    drop_database(LANES_POSTGRES_SERVER, url)
+
+
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
 def broker(request, app):
-    """The lanes on the SQLite broker (the default) or on a private Redis, emptied; restored
-    after."""
+    """The lanes on the SQLite broker (the default), on a private Redis or on PostgreSQL,
+    emptied; restored after."""
     from jobs import lanes
 
     url = ""
@@ -499,6 +516,8 @@ def broker(request, app):
         if server.proc.poll() is not None:
             server.start()
         url = server.url
+    elif request.param == "postgres":
+        url = request.getfixturevalue("postgres_lanes")
     lanes.configure(url, Path(app.instance_path))
     for lane in lanes.LANES.values():
         lane.flush()

@@ -15,10 +15,12 @@ from pathlib import Path
 import pytest
 import redis
 from conftest import (
+    LANES_POSTGRES_SERVER,
     ROOT,
     TEST_DATABASE_URL,
     RedisServer,
     consumer,
+    create_database,
     database_for,
     drop_database,
     free_port,
@@ -27,7 +29,8 @@ from conftest import (
     require,
     wait_for,
 )
-from sqlalchemy import update
+from sqlalchemy import create_engine, make_url, update
+from sqlalchemy.exc import OperationalError
 
 from jobs import dispatch, lanes, tasks
 from jobs.models import EmailState, ExportJob, JobState, OutboundEmail, db, utcnow
@@ -69,17 +72,23 @@ def private(tmp_path):
 
 
 @pytest.mark.integration
-@pytest.mark.parametrize("kind", ["redis", "sqlite"])
+@pytest.mark.parametrize("kind", ["redis", "sqlite", "postgres"])
 def test_job_and_email_the_broker_forgot_run_once_it_is_back(private, smtp, tmp_path, kind):
     instance, database = Path(private["INSTANCE_PATH"]), private["DATABASE_URL"]
-    server = None
+    server, broker_url = None, ""
     if kind == "redis":
         if shutil.which("redis-server") is None:
             require("Redis", "this test starts a private redis-server and restarts it empty")
         server = RedisServer(free_port())
         server.start()
+        broker_url = server.url
+    elif kind == "postgres":
+        try:
+            create_engine(LANES_POSTGRES_SERVER).connect().close()
+        except OperationalError as exc:
+            require("PostgreSQL", f"the lanes' database: {exc}")
+        broker_url = create_database(LANES_POSTGRES_SERVER)
     try:
-        broker_url = server.url if server else ""
         recorded = subprocess.run([sys.executable, "-c", RECORD], cwd=ROOT, capture_output=True,
                                   text=True, timeout=60, env={**private, "BROKER_URL": broker_url})
         assert recorded.returncode == 0, recorded.stderr
@@ -95,6 +104,12 @@ def test_job_and_email_the_broker_forgot_run_once_it_is_back(private, smtp, tmp_
             server.stop()
             server.start()  # same port, empty: no persistence
             assert redis.Redis(port=server.port).dbsize() == 0
+        elif broker_url:  # the lanes' database dropped and made again, empty: no tables yet
+            drop_database(LANES_POSTGRES_SERVER, broker_url)
+            engine = create_engine(LANES_POSTGRES_SERVER, isolation_level="AUTOCOMMIT")
+            with engine.connect() as conn:
+                conn.exec_driver_sql(f'CREATE DATABASE "{make_url(broker_url).database}"')
+            engine.dispose()
         else:
             files = list(instance.glob("queue-*.db*"))
             assert {f.name for f in files} >= {"queue-critical.db", "queue-exports.db"}
@@ -127,6 +142,8 @@ def test_job_and_email_the_broker_forgot_run_once_it_is_back(private, smtp, tmp_
     finally:
         if server:
             server.stop()
+        elif broker_url:
+            drop_database(LANES_POSTGRES_SERVER, broker_url)
 
 
 def lengths() -> dict[str, tuple[int, int]]:

@@ -1,5 +1,5 @@
-"""Lanes against real consumers on SQLite and on the real Redis: isolation, hard timeouts,
-fair share, health, graceful shutdown, periodic tasks once per schedule."""
+"""Lanes against real consumers on SQLite, on the real Redis and on PostgreSQL: isolation, hard
+timeouts, fair share, health, graceful shutdown, periodic tasks once per schedule."""
 
 from __future__ import annotations
 
@@ -29,9 +29,10 @@ REDIS_URL = os.environ.get("REDIS_TEST_URL", "redis://127.0.0.1:6379/3")
 
 
 
-@pytest.fixture(params=["sqlite", "redis"])
+@pytest.fixture(params=["sqlite", "redis", "postgres"])
 def broker(request, app, instance):
-    """Both lanes on SQLite files or on the real Redis, emptied; restored afterwards.
+    """Both lanes on SQLite files, on the real Redis or on PostgreSQL (a database of their
+    own), emptied; restored afterwards.
 
     Jobs other tests left queued or running are cancelled, so that fair share sees only
     this test's exports.
@@ -50,6 +51,8 @@ def broker(request, app, instance):
             require("redis", f"{REDIS_URL}: {exc}")
         redis.Redis.from_url(REDIS_URL).flushdb()
         url = REDIS_URL
+    elif request.param == "postgres":
+        url = request.getfixturevalue("postgres_lanes")
     lanes.configure(url, instance)
     for lane in lanes.LANES.values():
         lane.storage.flush_queue()
@@ -177,7 +180,8 @@ def test_lane_health_reports_depth_wait_workers_and_outcomes(broker, instance, t
         lane_probe.critical_sleep(3, str(tmp_path / "sleep"))
         busy = wait_for(lambda: (h := lanes.critical.health())["running"] == 1 and h,
                         what="a running task")
-        assert busy["broker"] == ("redis" if broker else "sqlite")
+        # "", redis://… or postgresql+psycopg://…: sqlite, redis or postgresql
+        assert busy["broker"] == (broker.split(":")[0].split("+")[0] or "sqlite")
     assert lanes.critical.health()["consumers"] == 0
 
 
