@@ -9,7 +9,7 @@ from sqlalchemy import select
 from jobs import dispatch, listing, schedules, webhooks
 from jobs.datasets import InvalidParams, visible
 from jobs.listing import JobFilter
-from jobs.models import ExportJob, Schedule, WebhookDelivery, WebhookEndpoint, db
+from jobs.models import ExportJob, Schedule, WebhookEndpoint, db
 from webapp.exports import (
     IdempotencyConflict,
     TooManyExports,
@@ -22,7 +22,7 @@ from webapp.exports import (
 )
 from webapp.schedules import schedule_for
 from webapp.views import job_action
-from webapp.webhooks import endpoint_for
+from webapp.webhooks import delivery_for, endpoint_for
 
 PAGE = 50
 
@@ -368,10 +368,7 @@ def delete_webhook(endpoint_id: int):
 @login_required
 def resend_webhook(endpoint_id: int, delivery_id: int):
     """Send a delivery again (same id and body); 202, or 409 while an attempt is under way."""
-    endpoint = endpoint_for(current_user, endpoint_id)
-    delivery = db.session.get(WebhookDelivery, delivery_id)
-    if delivery is None or delivery.endpoint_id != endpoint.id:
-        abort(404)
+    delivery = delivery_for(current_user, endpoint_id, delivery_id)
     reason = job_action(delivery, webhooks.resend)
     if reason is not None:
         return jsonify(error=reason, state=delivery.state), 409

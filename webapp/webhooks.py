@@ -25,6 +25,15 @@ def endpoint_for(user: User, endpoint_id: int) -> WebhookEndpoint:
     return endpoint
 
 
+def delivery_for(user: User, endpoint_id: int, delivery_id: int) -> WebhookDelivery:
+    """A delivery of one of the user's endpoints (`endpoint_for`); 404 otherwise."""
+    endpoint = endpoint_for(user, endpoint_id)
+    delivery = db.session.get(WebhookDelivery, delivery_id)
+    if delivery is None or delivery.endpoint_id != endpoint.id:
+        abort(404)
+    return delivery
+
+
 def _index(errors: dict, values: dict, status: int = 200):
     reach = WebhookEndpoint.user_id == current_user.id
     if current_user.is_admin:
@@ -90,12 +99,9 @@ def delete(endpoint_id: int):
 @bp.post("/webhooks/<int:endpoint_id>/deliveries/<int:delivery_id>/resend")
 @login_required
 def resend(endpoint_id: int, delivery_id: int):
-    endpoint = endpoint_for(current_user, endpoint_id)
-    delivery = db.session.get(WebhookDelivery, delivery_id)
-    if delivery is None or delivery.endpoint_id != endpoint.id:
-        abort(404)
+    delivery = delivery_for(current_user, endpoint_id, delivery_id)
     reason = job_action(delivery, webhooks.resend)
     if reason is not None:
         return refused(reason)
     flash(f"Delivery {delivery.event_id} is being sent again.", "info")
-    return redirect(url_for("webhooks.show", endpoint_id=endpoint.id), code=303)
+    return redirect(url_for("webhooks.show", endpoint_id=endpoint_id), code=303)
