@@ -74,6 +74,8 @@ def test_every_task_declares_its_lane_and_cannot_be_sent_to_another():
         "jobs.tasks.reconcile": "critical",
         "jobs.tasks.send_email": "critical",
         "jobs.tasks.housekeeping": "critical",
+        "jobs.tasks.schedules": "critical",
+        "jobs.tasks.send_webhook": "critical",
     }, "a task was added or moved: declare its lane on purpose and list it here"
     with pytest.raises(HueyException, match="not found"):
         lanes.critical.enqueue(tasks.run_export.s(1))
