@@ -470,39 +470,130 @@ static PyObject *libpq(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored)
     return PyBool_FromLong(libpq_copies == 1);
 }
 
-/* copy_out(pgconn_ptr) -> (bytes, rows, last row): the rows of the COPY TO STDOUT under way on
-   that connection, until its end or an error (the caller reads the command's result next). */
+/* How copy_out fixes a field of a COPY that prints values as stored (jobs.postgres_pages): */
+enum fix {
+    F_AS_IS,         /* as printed */
+    F_TEXT,          /* text: a formula prefix neutralised (jobs.csvrows), "" (empty) as empty */
+    F_DATETIME,      /* timestamp: to the second (ISO, four-digit years only) */
+    F_DATETIME_UTC,  /* timestamptz in a UTC session: to the second, without its "+00" */
+};
+
+/* The datetime printed in s (n bytes), as jobs.postgres_pages formats it: its first 19 bytes,
+   or -1 for a shape only the server formats (a fifth digit of year, BC, infinity). */
+static int put_moment(Buf *b, const unsigned char *s, size_t n, int utc) {
+    if (n == 0) return 0; /* NULL */
+    if (n < 19 || s[4] != '-' || s[7] != '-' || s[10] != ' ' || s[13] != ':' || s[16] != ':' ||
+        digits(s, 4) < 0 || digits(s + 5, 2) < 0 || digits(s + 8, 2) < 0 ||
+        digits(s + 11, 2) < 0 || digits(s + 14, 2) < 0 || digits(s + 17, 2) < 0)
+        return -1;
+    size_t at = 19;
+    if (at < n && s[at] == '.') {
+        if (++at == n || s[at] < '0' || s[at] > '9') return -1;
+        while (at < n && s[at] >= '0' && s[at] <= '9') at++;
+    }
+    if (utc) {
+        if (n - at != 3 || memcmp(s + at, "+00", 3) != 0) return -1;
+    } else if (at != n) {
+        return -1;
+    }
+    memcpy(b->data + b->len, s, 19);
+    b->len += 19;
+    return 0;
+}
+
+/* One row of COPY's CSV (n bytes, ending in a newline) with its fields fixed; -1 when a field
+   is not in a shape this fixes (the caller has the server format the page). */
+static int put_fixed_row(Buf *b, const unsigned char *row, size_t n, const unsigned char *fixes,
+                         size_t columns) {
+    size_t at = 0;
+    for (size_t c = 0; c < columns; c++) {
+        size_t start = at;
+        if (at < n && row[at] == '"') { /* quoted: ends at a quote not doubled */
+            for (at++;;) {
+                const unsigned char *q = memchr(row + at, '"', n - at);
+                if (!q) return -1;
+                at = (size_t)(q - row) + 1;
+                if (at < n && row[at] == '"') at++;
+                else break;
+            }
+        } else {
+            while (at < n && row[at] != ',' && row[at] != '\n') at++;
+        }
+        if (at >= n || row[at] != (c + 1 < columns ? ',' : '\n')) return -1;
+        const unsigned char *s = row + start;
+        size_t len = at - start;
+        switch (fixes[c]) {
+        case F_TEXT:
+            if (len == 2 && s[0] == '"') break; /* "": an empty text, written as empty */
+            if (len && s[0] == '"' && formula_prefix[s[1]]) {
+                PUT(b, '"');
+                PUT(b, '\'');
+                s++, len--;
+            } else if (len && formula_prefix[s[0]]) {
+                PUT(b, '\'');
+            }
+            memcpy(b->data + b->len, s, len);
+            b->len += len;
+            break;
+        case F_DATETIME:
+        case F_DATETIME_UTC:
+            if (put_moment(b, s, len, fixes[c] == F_DATETIME_UTC) < 0) return -1;
+            break;
+        default:
+            memcpy(b->data + b->len, s, len);
+            b->len += len;
+        }
+        PUT(b, (char)row[at++]);
+    }
+    return at == n ? 0 : -1;
+}
+
+/* copy_out(pgconn_ptr, fixes=None) -> (bytes, rows, last row): the rows of the COPY TO STDOUT
+   under way on that connection, until its end or an error (the caller reads the command's
+   result next); with `fixes` (one enum fix a column), each field fixed, or False once a
+   field is not in a shape its fix knows (the rest of the COPY is read and dropped). */
 static PyObject *copy_out(PyObject *Py_UNUSED(module), PyObject *args) {
     unsigned long long address;
-    if (!PyArg_ParseTuple(args, "K", &address)) return NULL;
+    const char *fixes = NULL;
+    Py_ssize_t columns = 0;
+    if (!PyArg_ParseTuple(args, "K|z#", &address, &fixes, &columns)) return NULL;
     if (libpq_copies != 1) {
         PyErr_SetString(PyExc_RuntimeError, "no single libpq is loaded");
         return NULL;
     }
     Buf b = {0};
     size_t last_at = 0, last_length = 0;
-    int rows = 0, n, failed = 0;
+    int rows = 0, n, failed = 0, unfixable = 0;
     Py_BEGIN_ALLOW_THREADS
     for (;;) {
         char *row;
         n = pq_get_copy_data((void *)(uintptr_t)address, &row, 0); /* 0: wait, without the GIL */
         if (n <= 0) break;
-        failed = grow(&b, (size_t)n);
-        if (!failed) {
-            last_at = b.len;
-            last_length = (size_t)n;
-            memcpy(b.data + b.len, row, (size_t)n);
-            b.len += (size_t)n;
-            rows++;
+        if (!failed && !unfixable) {
+            /* A fixed row grows by a quote per text field at most. */
+            failed = grow(&b, (size_t)n + (size_t)columns);
+            if (!failed) {
+                last_at = b.len;
+                last_length = (size_t)n;
+                if (!fixes) {
+                    memcpy(b.data + b.len, row, (size_t)n);
+                    b.len += (size_t)n;
+                } else if (put_fixed_row(&b, (const unsigned char *)row, (size_t)n,
+                                         (const unsigned char *)fixes, (size_t)columns) < 0) {
+                    unfixable = 1;
+                }
+                last_length = b.len - last_at;
+                rows++;
+            }
         }
-        pq_freemem(row);
-        if (failed) break;
+        pq_freemem(row); /* after a failure too: the COPY is read to its end */
     }
     Py_END_ALLOW_THREADS
-    PyObject *result = failed ? PyErr_NoMemory()
-                              : Py_BuildValue("(y#iy#)", b.data ? b.data : "", (Py_ssize_t)b.len,
-                                              rows, b.data ? b.data + last_at : "",
-                                              (Py_ssize_t)last_length);
+    PyObject *result;
+    if (failed) result = PyErr_NoMemory();
+    else if (unfixable) result = Py_NewRef(NotFast);
+    else result = Py_BuildValue("(y#iy#)", b.data ? b.data : "", (Py_ssize_t)b.len, rows,
+                                b.data ? b.data + last_at : "", (Py_ssize_t)last_length);
     free(b.data);
     return result;
 }
@@ -510,7 +601,8 @@ static PyObject *copy_out(PyObject *Py_UNUSED(module), PyObject *args) {
 static PyMethodDef module_functions[] = {
     {"libpq", libpq, METH_NOARGS, "Whether copy_out can run: one libpq is loaded."},
     {"copy_out", copy_out, METH_VARARGS,
-     "copy_out(pgconn_ptr) -> (bytes, rows, last row) of the COPY TO STDOUT under way."},
+     "copy_out(pgconn_ptr, fixes=None) -> (bytes, rows, last row) of the COPY TO STDOUT under "
+     "way, each field fixed as `fixes` says (False: a field it cannot fix)."},
     {NULL},
 };
 

@@ -1,4 +1,6 @@
-"""PostgreSQL's pages as CSV: the server formats every value and writes the CSV itself (COPY).
+"""PostgreSQL's pages as CSV: the server writes the CSV itself (COPY) and formats every value,
+but those whose stored type it prints as formatted except for what jobs._fastcsv fixes in C as
+it reads (a fraction of a second, a formula prefix, an empty text: `_as_stored`).
 
 Literal values in the SQL are validated server-side parameters (integers, ISO dates, fixed
 choices), rendered by SQLAlchemy: COPY cannot take bind parameters. psycopg is imported where it
@@ -11,7 +13,7 @@ from __future__ import annotations
 import csv
 import queue
 import select
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 
 from sqlalchemy import (
     BigInteger,
@@ -44,13 +46,55 @@ FORMULA_CODES = [ord(prefix) for prefix in FORMULA_PREFIXES]
 
 
 def copy_query(dataset: Dataset, org_key: str | None, params: dict[str, str], after: object,
-               size: int | None) -> Select:
-    """The page as PostgreSQL text columns, ready for COPY (also the benchmark's psql query)."""
+               size: int | None, as_stored: Container[str] = ()) -> Select:
+    """The page as PostgreSQL text columns, ready for COPY (also the benchmark's psql query);
+    the columns named in `as_stored` as stored (jobs._fastcsv.copy_out fixes them)."""
     stmt = dataset.batch(org_key, params, after, size)
     return stmt.with_only_columns(
-        *(_pg_text(dataset.table.c[c.name], c) for c in dataset.columns),
+        *(dataset.table.c[c.name].label(c.name) if c.name in as_stored
+          else _pg_text(dataset.table.c[c.name], c) for c in dataset.columns),
         maintain_column_froms=True,
     )
+
+
+# How jobs._fastcsv.copy_out fixes a column printed as stored (its enum fix).
+AS_IS, TEXT, DATETIME, DATETIME_UTC = range(4)
+
+
+def _as_stored(conn: Connection, dataset: Dataset, org_key: str | None,
+               params: dict[str, str]) -> dict[str, int]:
+    """The columns whose stored type COPY prints as `_pg_text` formats it, but for what
+    copy_out then fixes (name: fix): the server's formatting costs a third of a page's time,
+    the fix in C next to nothing. The stored types are the query's result types. A value the
+    fix does not know (a timestamp BC, infinity) has the server format the page after all."""
+    stmt = dataset.batch(org_key, params, None, 0).with_only_columns(
+        *(dataset.table.c[c.name] for c in dataset.columns), maintain_column_froms=True)
+    result = conn.execute(stmt)
+    types = conn.connection.dbapi_connection.adapters.types
+    fixes = {}
+    for column, described in zip(dataset.columns, result.cursor.description, strict=True):
+        stored = types.get(described.type_code)
+        fix = _fix(column, stored.name if stored else "", described.scale)
+        if fix is not None:
+            fixes[column.name] = fix
+    result.close()
+    return fixes
+
+
+def _fix(column: Column, stored: str, scale: int | None) -> int | None:
+    """How a column of this kind stored as this type is fixed; None: the server formats it."""
+    kind = column.kind
+    if kind == "int" and stored in ("int2", "int4", "int8"):
+        return AS_IS
+    if kind == "decimal" and stored == "numeric" and column.scale in (None, scale):
+        return AS_IS  # a numeric(p, s) prints s places: round(x, s) prints the same
+    if kind == "date" and stored == "date":
+        return AS_IS
+    if kind == "datetime" and stored in ("timestamp", "timestamptz"):
+        return DATETIME if stored == "timestamp" else DATETIME_UTC
+    if kind == "text" and stored in ("text", "varchar"):
+        return TEXT
+    return None
 
 
 def _pg_text(col: ColumnElement, column: Column) -> ColumnElement:
@@ -96,28 +140,41 @@ def pages(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[
     def compiled(stmt: Select):
         return stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
 
+    in_c = _fastcsv is not None and _fastcsv.libpq()  # copy_out can read the rows
+    fixes = _as_stored(conn, dataset, org_key, params) if in_c else {}
+    fix_codes = bytes(fixes.get(c.name, AS_IS) for c in dataset.columns) if fixes else None
     ends = {first: dataset.batch(org_key, params, None if first else lower, 1)
             .with_only_columns(key).offset(size - 1) for first in (True, False)}
-    queries = {(first, last): compiled(copy_query(dataset, org_key, params,
-                                                  None if first else lower,
-                                                  size if last else None)
-                                       .where(*([] if last else [key <= upper])))
-               for first in (True, False) for last in (True, False)}
+    queries = {(first, last, fixed): compiled(copy_query(dataset, org_key, params,
+                                                         None if first else lower,
+                                                         size if last else None,
+                                                         fixes if fixed else ())
+                                              .where(*([] if last else [key <= upper])))
+               for first in (True, False) for last in (True, False)
+               for fixed in {False, bool(fixes)}}
     spare = [conn.engine.raw_connection() for _ in range(PAGES_IN_FLIGHT)]
     free: queue.SimpleQueue = queue.SimpleQueue()
     for connection in spare:
         free.put(connection.driver_connection)
 
-    def fetch(start: object, end: object) -> Batch | None:
-        page = queries[start is None, end is None]
+    def copy(driver, start: object, end: object, fixed: bool) -> tuple | bool:
+        page = queries[start is None, end is None, fixed]
         values = {**page.params, **{k: v for k, v in (("lower", start), ("upper", end))
                                     if k in page.params}}
+        # values merged client-side by psycopg: COPY takes no bind parameters
+        sql = psycopg.ClientCursor(driver).mogrify(str(page), values)
+        return _copy(driver, f"COPY ({sql}) TO STDOUT WITH (FORMAT csv)", in_c,
+                     fix_codes if fixed else None)
+
+    def fetch(start: object, end: object) -> Batch | None:
         driver = free.get()
-        try:  # values merged client-side by psycopg: COPY takes no bind parameters
-            sql = psycopg.ClientCursor(driver).mogrify(str(page), values)
-            data, rows, last_row = _copy(driver, f"COPY ({sql}) TO STDOUT WITH (FORMAT csv)")
+        try:
+            got = copy(driver, start, end, fixed=True) if fixes else False
+            if got is False:  # a value only the server formats (or nothing to fix)
+                got = copy(driver, start, end, fixed=False)
         finally:
             free.put(driver)
+        data, rows, last_row = got
         if not rows:
             return None
         # COPY sends one message per row: the page's last one holds its last key
@@ -134,13 +191,16 @@ def pages(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[
             connection.close()
 
 
-def _copy(driver, query: str) -> tuple[bytearray, int, bytes]:
-    """The output of a COPY ... TO STDOUT read straight from libpq: (bytes, rows, last row).
+def _copy(driver, query: str, in_c: bool, fixes: bytes | None = None
+          ) -> tuple[bytearray, int, bytes] | bool:
+    """The output of a COPY ... TO STDOUT read straight from libpq: (bytes, rows, last row),
+    with `fixes` (jobs._fastcsv.copy_out's, one a column) each field fixed, or False when one
+    is not in a shape its fix knows.
 
     psycopg's Copy iterator costs a generator round trip per row, as much time as the server
     spends on it; keeping a buffer object per row costs as much again (the garbage collector
     walks them). Here each row is one call appended to one bytearray: in C without the GIL
-    (jobs._fastcsv.copy_out, a tenth of the time) where it was built, else in Python
+    (`in_c`: jobs._fastcsv.copy_out, a tenth of the time) where it was built, else in Python
     (`_copy_rows`). Either waits for the server without the GIL: the lease heartbeat runs
     through a slow page.
     """
@@ -150,16 +210,16 @@ def _copy(driver, query: str) -> tuple[bytearray, int, bytes]:
     result = pgconn.exec_(query.encode())
     if result.status != pq.ExecStatus.COPY_OUT:
         raise _database_error(query, errors.error_from_result(result))
-    if _fastcsv is not None and _fastcsv.libpq():  # the same loop, in C without the GIL
-        data, rows, last_row = _fastcsv.copy_out(pgconn.pgconn_ptr)
+    if in_c:  # the same loop, in C without the GIL
+        got = _fastcsv.copy_out(pgconn.pgconn_ptr, fixes)
     else:
-        data, rows, last_row = _copy_rows(pgconn)
+        got = _copy_rows(pgconn)
     result = pgconn.get_result()
     while pgconn.get_result() is not None:  # the end of the command
         pass
     if result.status != pq.ExecStatus.COMMAND_OK:
         raise _database_error(query, errors.error_from_result(result))
-    return data, rows, last_row
+    return got
 
 
 def _copy_rows(pgconn) -> tuple[bytearray, int, bytes]:

@@ -1,7 +1,8 @@
 """The C of issue 19 (jobs/_fastcsv.c). SQLite's fast path, canonical values as CSV straight from
 SQLite's C API, must write the very bytes of the Arrow reader (jobs.sqlite_reader) for every
 value it takes, hand every other page to that reader, and stop reading at once when closed.
-PostgreSQL's COPY rows read in C must be the rows the Python loop reads, errors included."""
+PostgreSQL's COPY rows read in C must be the rows the Python loop reads, errors included, and
+the values COPY prints as stored, fixed in C, the very bytes the server's formatting gives."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import TEST_DATABASE_URL, require
+from conftest import TEST_DATABASE_URL, create_database, drop_database, require
 from sqlalchemy import create_engine
 from sqlalchemy import exc as sa_exc
 
@@ -172,9 +173,8 @@ def pg():
 @pytest.mark.parametrize("rows", [0, 1, 30_000])
 def test_copy_out_reads_the_rows_the_python_loop_reads(pg, monkeypatch, rows):
     assert postgres_pages._fastcsv.libpq(), "the libpq psycopg loaded is found"
-    in_c = postgres_pages._copy(pg, ROWS.format(n=rows))
-    monkeypatch.setattr(postgres_pages, "_fastcsv", None)
-    in_python = postgres_pages._copy(pg, ROWS.format(n=rows))
+    in_c = postgres_pages._copy(pg, ROWS.format(n=rows), in_c=True)
+    in_python = postgres_pages._copy(pg, ROWS.format(n=rows), in_c=False)
     assert in_c == in_python and in_c[1] == rows
     assert in_c[0].endswith(in_c[2]) and (rows == 0 or in_c[2].startswith(f"{rows},".encode()))
 
@@ -185,5 +185,97 @@ def test_copy_out_ends_at_an_error_the_server_sends_midway(pg):
     failing = ("COPY (SELECT 1 / (20000 - g) FROM generate_series(1, 30000) g) "
                "TO STDOUT WITH (FORMAT csv)")
     with pytest.raises(sa_exc.DBAPIError, match="division by zero"):
-        postgres_pages._copy(pg, failing)
-    assert postgres_pages._copy(pg, ROWS.format(n=3))[1] == 3
+        postgres_pages._copy(pg, failing, in_c=True)
+    assert postgres_pages._copy(pg, ROWS.format(n=3), in_c=True)[1] == 3
+
+
+# A PostgreSQL table of every type the fix knows, and some it leaves to the server.
+STORED = {"small": ("int2", "int"), "big": ("int8", "int"), "n2": ("numeric(12, 2)", "decimal"),
+          "n": ("numeric", "decimal"), "f": ("float8", "decimal"), "d": ("date", "date"),
+          "ts": ("timestamp", "datetime"), "tz": ("timestamptz", "datetime"),
+          "t": ("text", "text"), "v": ("varchar(40)", "text"), "c": ("char(6)", "text"),
+          "b": ("boolean", "bool"), "j": ("json", "text")}
+FIXED = {"id", "small", "big", "n2", "d", "ts", "tz", "t", "v"}  # n: declared with a scale of 2
+
+
+def _stored_row(rnd: random.Random, key: int) -> tuple:
+    def maybe(value: object) -> object:
+        return None if rnd.random() < 0.08 else value
+
+    moment = (f"{rnd.choice([1, 44, 1999, 2026, 9999]):04d}-{rnd.randint(1, 12):02d}-"
+              f"{rnd.randint(1, 28):02d} {rnd.randint(0, 23):02d}:{rnd.randint(0, 59):02d}:"
+              f"{rnd.randint(0, 59):02d}{rnd.choice(['', '.5', '.123456', '.999999'])}")
+    text = rnd.choice(TEXTS) + rnd.choice(["", "", " and more", ",", '"', '""'])
+    return (key, maybe(rnd.randint(-2**15, 2**15 - 1)), maybe(rnd.choice([-2**63, 2**63 - 1, 0])),
+            maybe(rnd.choice(["0", "-0.5", "12.345", "9999999999.99", "NaN"])),
+            maybe(rnd.choice(["1.005", "-2.675", "7", "NaN", "0.1"])),
+            maybe(rnd.choice(["0.1", "1e300", "-0", "Infinity"])), maybe(moment[:10]),
+            maybe(moment), maybe(moment + rnd.choice(["+00", "+05:30", "-11"])),
+            maybe(text), maybe(text[:40]), maybe(text[:6]), maybe(rnd.choice([True, False])),
+            maybe('{"a": "=1"}'))
+
+
+@pytest.fixture
+def stored(tmp_path):
+    """A database holding `stored`: random rows of every type, then pages the fix does not
+    know (ids 1001-1003: a timestamp BC, infinity, a year past 9999); its dataset."""
+    server = TEST_DATABASE_URL or "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
+    try:
+        url = create_database(server)
+    except sa_exc.OperationalError as exc:
+        require("PostgreSQL", str(exc).splitlines()[0])
+    engine = create_engine(url)
+    rnd = random.Random(19)
+    columns = ", ".join(f"{name} {stored}" for name, (stored, _) in STORED.items())
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"CREATE TABLE stored (id int8 PRIMARY KEY, {columns})")
+        conn.exec_driver_sql(f"INSERT INTO stored VALUES ({', '.join(['%s'] * (len(STORED) + 1))})",
+                             [_stored_row(rnd, key) for key in range(1, 1001)])
+        conn.exec_driver_sql("INSERT INTO stored (id, ts, tz) VALUES "
+                             "(1001, '0044-03-15 12:00:00.5 BC', '2026-01-01 00:00:00.5+00'), "
+                             "(1002, 'infinity', '-infinity'), "
+                             "(1003, '12026-01-01 00:00:00.25', '12026-01-01 00:00:00+00')")
+    engine.dispose()
+    listed = ", ".join(f'{{ name = "{name}", kind = "{kind}"'
+                       + (", scale = 2" if name in ("n2", "n") else "") + " }"
+                       for name, (_, kind) in STORED.items())
+    path = tmp_path / "stored.toml"
+    path.write_text('[[dataset]]\nname = "stored"\ntable = "stored"\nkey = "id"\n'
+                    'scope = "all"\n'
+                    f'columns = [{{ name = "id", kind = "int" }}, {listed}]\n')
+    yield url, load(path)["stored"]
+    drop_database(server, url)
+
+
+def test_values_printed_as_stored_and_fixed_in_c_are_the_servers_formatting(
+        stored, monkeypatch):
+    """The columns COPY prints as stored are the ones whose type prints as the server formats
+    it but for what the fix does; fixed in C, every page is byte for byte the server's own
+    formatting; a page holding a value the fix does not know (BC, infinity, a fifth digit of
+    year) is formatted by the server, and only that page."""
+    from jobs import source
+
+    url, dataset = stored
+    engine = source.make_engine(url, 30)  # the session's print styles: UTC, ISO
+    copies = []
+    real_copy = postgres_pages._copy
+
+    def spy(driver, query, in_c, fixes=None):
+        got = real_copy(driver, query, in_c, fixes)
+        copies.append((fixes is not None, got is not False))
+        return got
+
+    monkeypatch.setattr(postgres_pages, "_copy", spy)
+    with engine.connect() as conn:
+        assert set(postgres_pages._as_stored(conn, dataset, None, {})) == FIXED
+        fixed = b"".join(b.data for b in postgres_pages.pages(conn, dataset, None, {}, None, 7))
+        past_the_fix = {(key - 1) // 7 for key in (1001, 1002, 1003)}  # 7 rows a page
+        assert copies.count((True, False)) == len(past_the_fix) == 2  # and no other
+        assert copies.count((True, True)) == -(-1003 // 7) - 2
+        with monkeypatch.context() as patch:
+            patch.setattr(postgres_pages, "_as_stored", lambda *args: {})
+            formatted = b"".join(b.data for b in postgres_pages.pages(conn, dataset, None, {},
+                                                                       None, 7))
+    engine.dispose()
+    assert formatted.count(b"\n") >= 1003 and b"'=" in formatted and b"BC" in formatted
+    assert fixed == formatted
