@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from jobs.datasets import Dataset
@@ -28,6 +29,9 @@ class Batch:
     last_key: int
     replaced: int = 0  # values whose invalid UTF-8 bytes became U+FFFD
     utf8: bool = False  # known to be valid UTF-8 (jobs._fastcsv checks every value it writes)
+
+
+Finish = Callable[[Batch], Batch]  # done to a page in the thread that read it (jobs.pages)
 
 
 class BadValue(ValueError):

@@ -8,12 +8,12 @@ from dataclasses import replace
 from datetime import datetime
 from decimal import Decimal
 
-from isal import isal_zlib
 from sqlalchemy import Connection
+from zlib_ng import zlib_ng
 
 from jobs import pages
 from jobs.checkpoints import Checkpoint, fault, record_checkpoint
-from jobs.csvrows import header
+from jobs.csvrows import Batch, header
 from jobs.datasets import Dataset, InvalidParams
 from jobs.storage import Part
 
@@ -102,8 +102,8 @@ def stream(
 
     `out` must already hold exactly the `start.bytes` good bytes of `start`. A checkpoint is
     reported only after the bytes it counts are fsynced, so a resume from it is byte-identical;
-    the last one is `complete`. csv.gz closes a gzip member at every checkpoint (concatenated
-    members are one valid gzip stream), so it resumes like csv. xlsx always starts from zero.
+    the last one is `complete`. csv.gz is a gzip member a page (the header one of its own), so
+    it resumes like csv. xlsx always starts from zero.
     """
     if fmt == "xlsx":
         return _stream_xlsx(conn, dataset, org_key, params, out, on_checkpoint, batch_rows,
@@ -111,21 +111,19 @@ def stream(
     if fmt not in RESUMABLE:
         raise InvalidParams({"format": f"must be one of {', '.join(FORMATS)}."})
     position = Checkpoint(start.last_key, start.rows, replaced=start.replaced)
-    gzip = GzipMembers(out) if fmt == "csv.gz" else None
-    emit = gzip.write if gzip else out.write
+    finish = _gzip_page if fmt == "csv.gz" else None
 
     def checkpoint(complete: bool = False) -> None:
-        if gzip:
-            gzip.end_member()
         record_checkpoint(out, position, on_checkpoint, complete)
 
     if out.size == 0:
-        emit(("\ufeff".encode() if bom else b"") + header(dataset))
+        head = ("\ufeff".encode() if bom else b"") + header(dataset)
+        out.write(gzip_member(head) if finish else head)
     last_checkpoint = time.monotonic()
-    reader = pages.pages(conn, dataset, org_key, params, position.last_key, batch_rows)
+    reader = pages.pages(conn, dataset, org_key, params, position.last_key, batch_rows, finish)
     try:
         for batch in reader:
-            emit(batch.data)
+            out.write(batch.data)
             position.rows += batch.rows
             position.replaced += batch.replaced
             position.last_key = batch.last_key
@@ -138,32 +136,21 @@ def stream(
     return position
 
 
-# ISA-L's level 3: 1.09x the size of `sqlite3 -csv | gzip -6` (issue 19 allows 1.1x) in a
-# seventh of zlib's time; zlib-ng's level 3 is 1.05x its size but takes half as long again,
-# and ISA-L's levels 1 and 2, faster still, are 1.11x and more (bench/export.py).
+# zlib-ng's level 3: 1.06x the size of `psql \copy | gzip -6` (issue 19 allows 1.1x), at 5x its
+# speed in one thread; ISA-L's level 3, faster still, is 1.105x (bench/export.py, docs/engine.md).
 GZIP_LEVEL = 3
 
 
-class GzipMembers:
-    """csv.gz's deflate: ISA-L, in the writing thread (it lets go of the GIL: the pages are read
-    in threads of their own meanwhile), so that `out.size` counts every page written when the
-    writer asks whether a checkpoint is due (a bucket's part boundary: the same pages close the
-    same members when a resume writes them again). `end_member` closes the gzip member
-    (concatenated members are one gzip stream, RFC 1952): the bytes a checkpoint counts are
-    then a whole stream, and a resume appends new members."""
+def gzip_member(data: bytes | bytearray) -> bytes:
+    """`data` as a gzip member of its own (concatenated members are one gzip stream, RFC 1952).
+    csv.gz is a member a page, deflated in the thread that read the page, beside the next one
+    (jobs.pages), and the same bytes whenever the page is written again (a resume, a bucket's
+    part)."""
+    return zlib_ng.compress(data, GZIP_LEVEL, wbits=31)
 
-    def __init__(self, out: Part):
-        self._out, self._member = out, None
 
-    def write(self, data: bytes | bytearray) -> None:
-        if self._member is None:  # wbits 31: gzip framing
-            self._member = isal_zlib.compressobj(GZIP_LEVEL, isal_zlib.DEFLATED, 31)
-        self._out.write(self._member.compress(data))
-
-    def end_member(self) -> None:
-        if self._member is not None:
-            self._out.write(self._member.flush())
-            self._member = None
+def _gzip_page(batch: Batch) -> Batch:
+    return replace(batch, data=gzip_member(batch.data))
 
 
 def _stream_xlsx(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[str, str],

@@ -33,7 +33,7 @@ from sqlalchemy import (
 )
 from sqlalchemy import exc as sa_exc
 
-from jobs.csvrows import FORMULA_PREFIXES, Batch
+from jobs.csvrows import FORMULA_PREFIXES, Batch, Finish, valid_utf8
 from jobs.datasets import Column, Dataset
 from jobs.readahead import side_by_side
 
@@ -126,7 +126,7 @@ PAGES_IN_FLIGHT = 2  # PostgreSQL formats a page slower than we read it: two bac
 
 
 def pages(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[str, str],
-          after: object, size: int) -> Iterator[Batch]:
+          after: object, size: int, finish: Finish = valid_utf8) -> Iterator[Batch]:
     """Pages as key ranges read side by side: the key that ends each page is looked up first
     on `conn` (the `size`-th key after the last one, read from the key's index), so the next
     pages can be read on connections of their own while this one is written. The page
@@ -179,7 +179,8 @@ def pages(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[
             return None
         # COPY sends one message per row: the page's last one holds its last key
         last = next(csv.reader([last_row.decode(errors="replace")]))[key_index]
-        return Batch(data, rows, int(last), utf8=True)  # the session's encoding (jobs.source)
+        # utf8: the session's encoding (jobs.source); finished in this thread
+        return finish(Batch(data, rows, int(last), utf8=True))
 
     def end_after(start: object) -> object:
         return conn.execute(ends[start is None], {} if start is None else {"lower": start}).scalar()

@@ -37,7 +37,7 @@ from sqlalchemy import (
 )
 
 from jobs import source
-from jobs.csvrows import BadValue, Batch
+from jobs.csvrows import BadValue, Batch, Finish, valid_utf8
 from jobs.datasets import Dataset
 from jobs.readahead import read_ahead, side_by_side
 
@@ -88,14 +88,14 @@ def _bad_value(dataset: Dataset) -> ColumnElement | None:
 
 
 def pages(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[str, str],
-          after: object, size: int) -> Iterator[Batch]:
+          after: object, size: int, finish: Finish = valid_utf8) -> Iterator[Batch]:
     """The pages from jobs._fastcsv, and from the first it cannot write on, from the Arrow
-    reader process."""
+    reader process; each `finish`ed in the thread that read it."""
     if _fastcsv is not None:
-        done, after = yield from _fast_pages(conn, dataset, org_key, params, after, size)
+        done, after = yield from _fast_pages(conn, dataset, org_key, params, after, size, finish)
         if done:
             return
-    yield from _arrow_pages(conn, dataset, org_key, params, after, size)
+    yield from _arrow_pages(conn, dataset, org_key, params, after, size, finish)
 
 
 PAGES_IN_FLIGHT = 2  # pages jobs._fastcsv reads side by side, each with a connection of its own
@@ -109,8 +109,8 @@ class _NotCanonical(Exception):
 
 
 def _fast_pages(conn: Connection, dataset: Dataset, org_key: str | None,
-                params: dict[str, str], after: object,
-                size: int) -> Generator[Batch, None, tuple[bool, object]]:
+                params: dict[str, str], after: object, size: int,
+                finish: Finish) -> Generator[Batch, None, tuple[bool, object]]:
     """Pages written by jobs._fastcsv, two read side by side as key ranges, as PostgreSQL's
     are (jobs.readahead.side_by_side); returns (True, None) after the last, or (False, key)
     when the page after `key` holds a value it does not write."""
@@ -164,7 +164,7 @@ def _fast_pages(conn: Connection, dataset: Dataset, org_key: str | None,
         if got is None:
             return None
         data, rows, last_key = got
-        return Batch(data, rows, last_key, utf8=True)
+        return finish(Batch(data, rows, last_key, utf8=True))
 
     try:  # closing it closes side_by_side first: the pages under way end before their reader
         yield from side_by_side(end_after, fetch, after, size, PAGES_IN_FLIGHT)
@@ -186,7 +186,8 @@ def _too_long(limit: float) -> str:
 
 
 def _arrow_pages(conn: Connection, dataset: Dataset, org_key: str | None,
-                 params: dict[str, str], after: object, size: int) -> Iterator[Batch]:
+                 params: dict[str, str], after: object, size: int,
+                 finish: Finish) -> Iterator[Batch]:
     """The pages as the reader process sends them; ReadFailed with its last line of error
     when it stops with one. Closing the iterator early kills the reader."""
     table = dataset.table
@@ -220,7 +221,7 @@ def _arrow_pages(conn: Connection, dataset: Dataset, org_key: str | None,
         if not (header := _read(reader.stdout, FRAME.size, limit)):
             return None
         rows, last_key, length = FRAME.unpack(header)
-        return Batch(_read(reader.stdout, length, limit), rows, last_key), None
+        return finish(Batch(_read(reader.stdout, length, limit), rows, last_key)), None
 
     # Received in a thread: the reader writes on while the caller writes a page or fsyncs a
     # checkpoint (a pipe holds 64 KiB; a page is about 1 MB).
