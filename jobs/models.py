@@ -9,9 +9,10 @@ from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TypeVar
 
+from flask import current_app
 from flask_login import UserMixin
 from flask_sqlalchemy import SQLAlchemy
-from sqlalchemy import JSON, ForeignKey, Index, Numeric, String, Text
+from sqlalchemy import JSON, ForeignKey, Index, Numeric, String, Text, delete, or_
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, validates
 from werkzeug.security import check_password_hash, generate_password_hash
 
@@ -33,20 +34,30 @@ def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
 
 
-def locked(model: type[T], ident: int) -> T | None:
-    """The row, re-read under a write lock held until the session's transaction ends.
+def write_lock() -> bool:
+    """Serialise this transaction with every other writer until it ends; returns whether the
+    caller must lock the rows it reads as well (SELECT ... FOR UPDATE).
 
-    PostgreSQL locks the row (SELECT ... FOR UPDATE). SQLite has no row locks: the transaction
-    takes the database's write lock up front (BEGIN IMMEDIATE), which serialises writers the
-    same way. Call it before any other write in the transaction.
+    SQLite has no row locks: the transaction takes the database's write lock up front (BEGIN
+    IMMEDIATE), and no row needs one (False). Other databases (PostgreSQL) lock rows (True).
+    Call it before any other write in the transaction.
     """
     session = db.session
-    if session.get_bind().dialect.name == "sqlite":
-        raw = session.connection().connection.dbapi_connection
-        if not raw.in_transaction:  # after a write, this transaction already holds the lock
-            session.connection().exec_driver_sql("BEGIN IMMEDIATE")
-        return session.get(model, ident, populate_existing=True)
-    return session.get(model, ident, populate_existing=True, with_for_update=True)
+    if session.get_bind().dialect.name != "sqlite":
+        return True
+    if not session.connection().connection.dbapi_connection.in_transaction:
+        # After a write, this transaction already holds the lock.
+        session.connection().exec_driver_sql("BEGIN IMMEDIATE")
+    return False
+
+
+def locked(model: type[T], ident: int) -> T | None:
+    """The row, re-read under a write lock held until the session's transaction ends: its own
+    on PostgreSQL (SELECT ... FOR UPDATE), the database's on SQLite (`write_lock`). Call it
+    before any other write in the transaction."""
+    if write_lock():
+        return db.session.get(model, ident, populate_existing=True, with_for_update=True)
+    return db.session.get(model, ident, populate_existing=True)
 
 
 class JobState:
@@ -133,6 +144,17 @@ class UserSession(db.Model):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     ended_at: Mapped[datetime | None] = mapped_column(default=None)
     user: Mapped[User] = relationship()
+
+
+def prune_sessions(now: datetime) -> int:
+    """Delete the sessions that ended or outlived SESSION_MAX_AGE (the housekeeping task does,
+    every 10 minutes): none can log anyone in again, and a row is written at every login
+    (failed logins prune themselves, webapp.auth). Returns how many went."""
+    pruned = db.session.execute(delete(UserSession).where(or_(
+        UserSession.ended_at.is_not(None),
+        UserSession.created_at < now - current_app.config["SESSION_MAX_AGE"])))
+    db.session.commit()
+    return pruned.rowcount
 
 
 class LoginFailure(db.Model):

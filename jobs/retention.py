@@ -1,5 +1,5 @@
 """Retention: old export files are deleted (their jobs become `expired`), orphans are swept,
-published files are checked against their jobs; ended sessions go."""
+published files are checked against their jobs."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from flask import current_app
-from sqlalchemy import delete, or_, select
+from sqlalchemy import select
 
-from jobs.models import ExportJob, JobState, UserSession, db, utcnow
+from jobs.models import ExportJob, JobState, db, utcnow
 from jobs.storage import OUR_FILE, storage
 
 log = logging.getLogger(__name__)
@@ -23,7 +23,6 @@ class SweepReport:
     expired_jobs: list[int] = field(default_factory=list)
     removed_files: list[str] = field(default_factory=list)
     damaged: list[int] = field(default_factory=list)  # succeeded jobs whose file is not as recorded
-    pruned_sessions: int = 0  # ended, or older than SESSION_MAX_AGE
 
 
 @dataclass(frozen=True)
@@ -85,16 +84,6 @@ def _keeps(job: ExportJob | None, name: str) -> bool:
     return job.state == JobState.SUCCEEDED and job.file_name == name
 
 
-def prune_sessions(now: datetime) -> int:
-    """Delete the sessions that ended or outlived SESSION_MAX_AGE: none can log anyone in
-    again, and a row is written at every login (failed logins prune themselves, webapp.auth)."""
-    pruned = db.session.execute(delete(UserSession).where(or_(
-        UserSession.ended_at.is_not(None),
-        UserSession.created_at < now - current_app.config["SESSION_MAX_AGE"])))
-    db.session.commit()
-    return pruned.rowcount
-
-
 def sweep(now: datetime | None = None) -> SweepReport:
     """Expire succeeded jobs older than EXPORT_RETENTION, check that every other succeeded
     job's file is there with its recorded size, and delete files no job needs (older than
@@ -150,7 +139,6 @@ def sweep(now: datetime | None = None) -> SweepReport:
             files.delete(name)
             report.removed_files.append(name)
     db.session.rollback()
-    report.pruned_sessions = prune_sessions(now)
     if report.expired_jobs or report.removed_files:
         log.info("retention: expired jobs %s, removed %s", report.expired_jobs,
                  report.removed_files)

@@ -9,6 +9,7 @@ from flask import current_app
 from huey import crontab
 
 from jobs import dispatch, engine, lanes, mail, retention, schedules, webhooks
+from jobs.models import prune_sessions, utcnow
 
 log = logging.getLogger(__name__)
 FAIR_SHARE_RETRY_SECONDS = 1.0
@@ -94,7 +95,10 @@ def send_webhook(delivery_id: int) -> None:
 @lanes.critical.periodic_task(crontab(minute="*/10"), name="housekeeping",
                               timeout=lanes.critical.settings.timeout)
 def housekeeping() -> None:
-    """Every 10 minutes: retention (emails whose message was lost are the reconciler's).
-    On the critical lane because the disk fills fastest exactly when exports are busy."""
-    retention.sweep()
+    """Every 10 minutes: retention, then ended and outlived sessions are deleted (emails whose
+    message was lost are the reconciler's). On the critical lane because the disk fills
+    fastest exactly when exports are busy."""
+    now = utcnow()
+    retention.sweep(now)
+    prune_sessions(now)
 

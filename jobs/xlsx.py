@@ -31,6 +31,7 @@ import pyarrow.csv as pa_csv
 from isal import isal_zlib
 
 from jobs.behind import OneBehind
+from jobs.formats import EXCEL_FIRST_DAY as FIRST_MOMENT
 from jobs.formats import XLSX_CELLS, XLSX_CUT_MARK, XLSX_MAX_TEXT, TooManyRows
 
 # Arrow's default allocator (mimalloc) keeps what the pages freed: the system's gives it back,
@@ -105,7 +106,7 @@ SPECIAL_TEXT = f"[\\x00-\\x1f&<>\\x{{fffe}}\\x{{ffff}}]|_x[0-9a-fA-F]{{4}}_|{EDG
 LONG_TEXT = pa.scalar(XLSX_MAX_TEXT // 2)  # UTF-8 bytes: at least as many as characters
 EXCEL_EPOCH_SECONDS = 25_569 * 86_400  # 1899-12-30 (day 0 from March 1900) to 1970-01-01
 EXCEL_EPOCH = datetime(1899, 12, 30)
-EXCEL_FIRST_DAY = "1900-03-01"  # jobs.formats.EXCEL_FIRST_DAY, as ISO text
+EXCEL_FIRST_DAY = FIRST_MOMENT.date().isoformat()  # as ISO text, which the CSV's moments are
 
 # Arrow scalars made once: a kernel given a Python constant converts it at every call.
 EMPTY, NULL_TEXT = pa.scalar(""), pa.scalar(None, pa.string())
@@ -118,6 +119,9 @@ EPOCH_SECONDS, FIRST_DAY, TRUE, FIFTEEN = (
 RE_CONTROL = re.compile("[\x00-\x08\x0b-\x1f]")
 RE_ESCAPE = re.compile("(_x[0-9a-fA-F]{4}_)")
 RE_EDGE_SPACE = re.compile(r"^\s|\s$")
+# XML's escapes, "&" first (an entity's own "&" is not escaped again): `escape_xml` and the
+# Arrow kernels of the fast path (Column._texts) apply the same ones.
+XML_ESCAPES = (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"))
 
 
 def column_letter(index: int) -> str:
@@ -130,6 +134,14 @@ def column_letter(index: int) -> str:
     return letters
 
 
+def escape_xml(text: str) -> str:
+    """`text` as XML character data; also inside an attribute's double quotes once `"` is
+    escaped too."""
+    for char, entity in XML_ESCAPES:
+        text = text.replace(char, entity)
+    return text
+
+
 def escape_text(text: str) -> str:
     """A text cell's `<t>` element, escaped as XlsxWriter did: a character XML 1.0 cannot hold
     as `_xHHHH_` (which Excel and LibreOffice read back), a text that looks like such an escape
@@ -138,7 +150,7 @@ def escape_text(text: str) -> str:
     text = RE_CONTROL.sub(lambda m: f"_x{ord(m.group()):04X}_", text)
     text = text.replace("\ufffe", "_xFFFE_").replace("\uffff", "_xFFFF_")
     tag = '<t xml:space="preserve">' if RE_EDGE_SPACE.search(text) else "<t>"
-    return tag + text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") + "</t>"
+    return tag + escape_xml(text) + "</t>"
 
 
 def cut_text(text: str) -> tuple[str, bool]:
@@ -239,7 +251,7 @@ class Column:
         slow = pc.or_(pc.match_substring_regex(some, SLOW_TEXT),
                       pc.greater(pc.binary_length(some), LONG_TEXT))
         escaped = some
-        for char, entity in (("&", "&amp;"), ("<", "&lt;"), (">", "&gt;"), ("\r", "_x000D_")):
+        for char, entity in (*XML_ESCAPES, ("\r", "_x000D_")):
             if _any(pc.match_substring(escaped, char)):
                 escaped = pc.replace_substring(escaped, char, entity)
         preserve = pc.match_substring_regex(escaped, EDGE_SPACE)
@@ -448,13 +460,13 @@ class SheetWriter:
         self.zip.write(f'</sheetData><autoFilter ref="{area.replace("$", "")}"/>'
                        f'{SHEET_END}'.encode())
         self.zip.end()
-        name = self.name.replace("&", "&amp;").replace("<", "&lt;").replace('"', "&quot;")
+        name = escape_xml(self.name).replace('"', "&quot;")
         quoted = "'" + self.name.replace("'", "''") + "'"
         self.zip.add("xl/workbook.xml", (
             f'{XML}<workbook xmlns="{MAIN}" xmlns:r="{RELS}"><bookViews><workbookView/>'
             f'</bookViews><sheets><sheet name="{name}" sheetId="1" r:id="rId1"/></sheets>'
             f'<definedNames><definedName name="_xlnm._FilterDatabase" localSheetId="0" '
-            f'hidden="1">{quoted.replace("&", "&amp;").replace("<", "&lt;")}!{area}'
+            f'hidden="1">{escape_xml(quoted)}!{area}'
             f'</definedName></definedNames></workbook>'))
         formats = "".join(f'<numFmt numFmtId="{166 + i}" formatCode="{code}"/>'
                           for i, code in enumerate(self.scale_formats))

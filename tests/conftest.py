@@ -374,6 +374,18 @@ def run_inline(app, email: str, dataset: str = "transactions", params: dict | No
         return job
 
 
+def download_url(app, job, route: str) -> str:
+    """Where a download of `job` is asked for: its page's link ("page"), or the signed link
+    emailed to its owner ("link")."""
+    if route == "page":
+        return f"/exports/{job.id}/download"
+    from jobs.models import ExportJob, db
+    from webapp.tokens import download_token
+
+    with app.app_context():
+        return f"/d/{download_token(db.session.get(ExportJob, job.id))}"
+
+
 @pytest.fixture(scope="session")
 def s3():
     """An S3 server (moto's server mode) in this process: tests/s3server.py."""

@@ -108,6 +108,35 @@ class Instance:
         finally:
             kill_group(proc)
 
+    @contextmanager
+    def killed_and_resumed(self, fmt: str, step: str):
+        """A new `fmt` job whose exports consumer SIGKILLs itself at `step` (FAULT_INJECT,
+        jobs.checkpoints.fault), then an exports consumer started again: yields the job once it
+        has ended (succeeded or failed), while that consumer still runs."""
+        job_id = self.new_job(fmt)
+        with self.worker("exports", f"faulty-{job_id}", FAULT_INJECT=step) as proc:
+            proc.wait(120)  # it kills itself at the step
+        assert proc.returncode == -9, "the fault fired"
+        killed = self.job(job_id)
+        assert killed.state == ("succeeded" if step == "committed" else "running"), killed.error
+        with self.worker("exports", f"after-{job_id}"):
+            yield wait_for(lambda: (j := self.job(job_id)).state in ("succeeded", "failed")
+                           and j, timeout=120, what="the export to finish")
+
+    def attempts_after_kill(self, job, step: str) -> list:
+        """The attempts of a job `killed_and_resumed` at `step`, checked: one when it was
+        killed after its commit (nothing ran again), else the lost one and the one that
+        succeeded; killed once its file was published, the file is the first attempt's."""
+        attempts = self.attempts(job.id)
+        if step == "committed":
+            assert len(attempts) == 1, "nothing ran again"
+        else:
+            assert [a.outcome for a in attempts] == ["lost", "succeeded"], \
+                [(a.outcome, a.error, (a.traceback or "")[-1500:]) for a in attempts]
+        if step == "published":  # finished without writing the file again
+            assert job.file_name == f"job-{job.id}.a1.{job.format}"
+        return attempts
+
 
 def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
     try:

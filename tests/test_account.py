@@ -12,8 +12,8 @@ from conftest import csrf_from, login
 from flask_login.utils import encode_cookie
 from sqlalchemy import func, select
 
-from jobs import retention
-from jobs.models import ApiToken, UserSession, db, utcnow
+from jobs import tasks
+from jobs.models import ApiToken, UserSession, db, prune_sessions, utcnow
 from webapp.auth import SESSION_ID, create_token, find_user
 
 
@@ -342,16 +342,26 @@ def test_a_login_ends_after_session_max_age_however_active(app):
     assert logged_in(login(client, "alice@acme.test"))
 
 
-def test_retention_prunes_ended_and_outlived_sessions(app):
+def test_housekeeping_prunes_ended_and_outlived_sessions(app):
     keep = login(app.test_client(), "alice@acme.test")
     ended = login(app.test_client(), "bob@globex.test")
     ended.post("/logout", data={"csrf_token": csrf_from(ended.get("/exports").text)})
     now = utcnow()
-    with app.app_context():
+
+    def outlived_session():
         db.session.add(UserSession(user=find_user("alice@acme.test"), token_hash="0" * 64,
                                    created_at=now - app.config["SESSION_MAX_AGE"]
                                    - timedelta(seconds=1)))
         db.session.commit()
-        assert retention.sweep(now).pruned_sessions == 2  # bob's ended one, the outlived one
-        assert db.session.scalar(select(func.count()).select_from(UserSession)) == 1
+
+    def sessions() -> int:
+        return db.session.scalar(select(func.count()).select_from(UserSession))
+
+    with app.app_context():
+        outlived_session()
+        assert prune_sessions(now) == 2  # bob's ended one, the outlived one
+        assert sessions() == 1
+        outlived_session()
+        tasks.housekeeping.call_local()
+        assert sessions() == 1, "the 10-minute housekeeping prunes them too"
     assert logged_in(keep), "an open session stays"

@@ -17,6 +17,7 @@ from conftest import (
     ROOT,
     TEST_DATABASE_URL,
     database_for,
+    download_url,
     drop_database,
     migrate_and_seed,
     run_inline,
@@ -26,7 +27,6 @@ from sqlalchemy.pool import NullPool
 
 from jobs import lanes, retention
 from jobs.models import ExportJob, User, db
-from webapp.tokens import download_token
 
 
 @pytest.fixture(autouse=True)
@@ -103,13 +103,6 @@ def test_the_api_returns_the_digest(app, alice):
     assert waiting["state"] == "queued" and waiting["sha256"] is None
     listed = {each["id"]: each for each in alice.get("/api/jobs").json["jobs"]}
     assert listed[job.id]["sha256"] == job.sha256
-
-
-def download_url(app, job: ExportJob, route: str) -> str:
-    if route == "page":
-        return f"/exports/{job.id}/download"
-    with app.app_context():
-        return f"/d/{download_token(db.session.get(ExportJob, job.id))}"
 
 
 @pytest.mark.parametrize("route", ["page", "link"])

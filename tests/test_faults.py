@@ -50,17 +50,9 @@ def content(data: bytes, fmt: str):
 
 @pytest.mark.parametrize("fmt, step", CASES, ids=[f"{f}-{s}" for f, s in CASES])
 def test_a_kill_at_each_step_ends_in_the_right_file_and_one_email(instance, smtp, fmt, step):
-    job_id = instance.new_job(fmt)
-    with instance.worker("exports", f"faulty-{job_id}", FAULT_INJECT=step) as proc:
-        proc.wait(120)  # it kills itself at the step
-    assert proc.returncode == -9, "the fault fired"
-    killed = instance.job(job_id)
-    assert killed.state == ("succeeded" if step == "committed" else "running"), killed.error
-
-    with instance.worker("exports", f"after-{job_id}"):
-        job = wait_for(lambda: (j := instance.job(job_id)).state in ("succeeded", "failed")
-                       and j, timeout=120, what="the export to finish")
+    with instance.killed_and_resumed(fmt, step) as job:
         assert job.state == "succeeded", job.error
+        job_id = job.id
         message_id = instance.scalar(OutboundEmail.message_id,
                                      OutboundEmail.key == f"export-ready:{job_id}")
         ready = wait_for(lambda: [m for m in smtp.mailbox.messages
@@ -73,12 +65,6 @@ def test_a_kill_at_each_step_ends_in_the_right_file_and_one_email(instance, smtp
     assert instance.count(OutboundEmail.__table__, OutboundEmail.job_id == job_id) == 1
     assert not list((instance.path / "exports").glob(f"job-{job_id}.*.part"))
 
-    attempts = instance.attempts(job_id)
-    if step == "committed":
-        assert len(attempts) == 1, "nothing ran again: only the email was still to send"
-    else:
-        assert [a.outcome for a in attempts] == ["lost", "succeeded"], \
-            [(a.outcome, a.error, (a.traceback or "")[-1500:]) for a in attempts]
+    attempts = instance.attempts_after_kill(job, step)  # committed: only the email was left
+    if step != "committed":
         assert "is gone" in attempts[0].error, "resumed as a dead local worker, not by lease"
-    if step == "published":  # finished without writing the file again
-        assert job.file_name == f"job-{job_id}.a1.{fmt}"

@@ -11,14 +11,13 @@ from datetime import timedelta
 import openpyxl
 import pytest
 import requests
-from conftest import run_inline
+from conftest import download_url, run_inline
 from s3server import PART_SIZE, RefusingProxy, use_bucket
 
 from jobs import engine, lanes, retention, s3_storage
 from jobs.checkpoints import Checkpoint, record_checkpoint
 from jobs.models import ExportJob, JobState, db, utcnow
 from jobs.storage import PartsChanged, Prefix, storage
-from webapp.tokens import download_token
 
 
 @pytest.fixture(autouse=True)
@@ -166,13 +165,6 @@ def test_a_missing_part_starts_the_export_over_and_says_why(app, s3, bucket, mon
 def download_name(app, job: ExportJob) -> str:
     with app.app_context():
         return db.session.get(ExportJob, job.id).download_name()
-
-
-def download_url(app, job: ExportJob, route: str) -> str:
-    if route == "page":
-        return f"/exports/{job.id}/download"
-    with app.app_context():
-        return f"/d/{download_token(db.session.get(ExportJob, job.id))}"
 
 
 @pytest.mark.parametrize("route", ["page", "link"])

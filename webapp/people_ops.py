@@ -18,11 +18,12 @@ import unicodedata
 from flask import current_app
 from sqlalchemy import false, func, or_, select
 
-from jobs.models import AdminAction, Organisation, User, db, utcnow
+from jobs.models import AdminAction, Organisation, User, db, utcnow, write_lock
 from webapp.auth import end_sessions, find_user
 
 ROLES = ("user", "viewer", "admin")
 EMAIL = re.compile(r"[^@\s]+@[^@\s]+\.[^@\s]+")
+NO_PASSWORD = "!"  # begins the hash of an invited user, who has no password yet
 
 
 class Refused(ValueError):
@@ -52,7 +53,7 @@ def state(user: User) -> str:
     """active, invited (no password chosen yet) or disabled."""
     if user.disabled_at is not None:
         return "disabled"
-    return "invited" if user.password_hash.startswith("!") else "active"
+    return "invited" if user.password_hash.startswith(NO_PASSWORD) else "active"
 
 
 # Organisations
@@ -147,15 +148,21 @@ def check_new_email(email: str) -> str:
     return email
 
 
+def unusable_password_hash() -> str:
+    """A password hash no password matches: "!" never begins a hash werkzeug makes, so every
+    check fails. Random, so a new one changes the invitation link (webapp.tokens)."""
+    return NO_PASSWORD + secrets.token_hex(16)
+
+
 def create_user(email: str, org: Organisation, role: str, actor: User | None,
                 password: str | None = None) -> User:
-    """A new user with `password`, or invited: no password anyone knows ("!" is never a valid
-    hash) until the invitation link (webapp.tokens.invitation_token) sets one."""
+    """A new user with `password`, or invited: no password anyone knows (an unusable hash)
+    until the invitation link (webapp.tokens.invitation_token) sets one."""
     email = check_new_email(email)
     check_role(role)
     user = User(email=email, organisation=org, role=role)
     if password is None:
-        user.password_hash = "!" + secrets.token_hex(16)
+        user.password_hash = unusable_password_hash()
     else:
         user.set_password(password)
     db.session.add(user)
@@ -170,7 +177,7 @@ def reinvite(user: User, actor: User | None) -> None:
     if state(user) != "invited":
         raise Refused(f"{user.email} is {state(user)}: only an invited user who has not chosen a "
                       "password yet can be invited again", "state")
-    user.password_hash = "!" + secrets.token_hex(16)
+    user.password_hash = unusable_password_hash()
     audit(actor, "user.reinvite", "earlier invitation links stop working", subject=user,
           org=user.organisation)
 
@@ -179,14 +186,11 @@ def _active_admins() -> int:
     """How many active admins there are, counted under a lock held until the transaction
     ends: two admins demoting each other at once must not both see the other one left.
     PostgreSQL locks the admins' rows (a waiting count re-reads them once the other commits);
-    SQLite takes its write lock up front, as jobs.models.locked does."""
-    session = db.session
+    SQLite takes its write lock up front (jobs.models.write_lock)."""
     active = select(User.id).where(User.role == "admin", User.disabled_at.is_(None))
-    if session.get_bind().dialect.name == "sqlite":
-        if not session.connection().connection.dbapi_connection.in_transaction:
-            session.connection().exec_driver_sql("BEGIN IMMEDIATE")
-        return len(session.scalars(active).all())
-    return len(session.scalars(active.with_for_update()).all())
+    if write_lock():
+        active = active.with_for_update()
+    return len(db.session.scalars(active).all())
 
 
 def _keep_an_admin(user: User, doing: str) -> None:
