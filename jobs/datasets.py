@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import operator
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import Decimal, InvalidOperation
@@ -19,7 +19,16 @@ from functools import cached_property
 from zoneinfo import ZoneInfo
 
 from flask import current_app
-from sqlalchemy import ColumnElement, FromClause, Select, func, select, true
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    FromClause,
+    Select,
+    bindparam,
+    func,
+    select,
+    true,
+)
 
 KINDS = ("int", "decimal", "text", "date", "datetime", "bool")
 FIELD_KINDS = ("date", "datetime", "number", "choice", "text", "bool")
@@ -240,6 +249,22 @@ class Dataset:
         if after is not None:
             stmt = stmt.where(key > after)
         return stmt.order_by(key).limit(size)
+
+    def page_ends(self, conn: Connection, org_key: str | None, params: dict[str, str],
+                  size: int) -> Callable[[object], object]:
+        """`end_after(key)`: the key `size` rows after `key` (after none: from the first row),
+        None when fewer are left; where a page read side by side ends (jobs.readahead), read
+        from the key's index: `… AND key > :lower ORDER BY key OFFSET size - 1 LIMIT 1`."""
+        lower = bindparam("lower", 0)
+        ends = {first: self.batch(org_key, params, None if first else lower, 1)
+                .with_only_columns(self.table.c[self.key]).offset(size - 1)
+                for first in (True, False)}
+
+        def end_after(start: object) -> object:
+            return conn.execute(ends[start is None],
+                                {} if start is None else {"lower": start}).scalar()
+
+        return end_after
 
     def count(self, org_key: str | None, params: dict[str, str]) -> Select:
         return select(func.count()).select_from(self.query(org_key, params).subquery())

@@ -143,8 +143,6 @@ def pages(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[
     in_c = _fastcsv is not None and _fastcsv.libpq()  # copy_out can read the rows
     fixes = _as_stored(conn, dataset, org_key, params) if in_c else {}
     fix_codes = bytes(fixes.get(c.name, AS_IS) for c in dataset.columns) if fixes else None
-    ends = {first: dataset.batch(org_key, params, None if first else lower, 1)
-            .with_only_columns(key).offset(size - 1) for first in (True, False)}
     queries = {(first, last, fixed): compiled(copy_query(dataset, org_key, params,
                                                          None if first else lower,
                                                          size if last else None,
@@ -182,11 +180,9 @@ def pages(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[
         # utf8: the session's encoding (jobs.source); finished in this thread
         return finish(Batch(data, rows, int(last), utf8=True))
 
-    def end_after(start: object) -> object:
-        return conn.execute(ends[start is None], {} if start is None else {"lower": start}).scalar()
-
     try:  # closing it closes side_by_side first: the pages under way end before their connection
-        yield from side_by_side(end_after, fetch, after, size, PAGES_IN_FLIGHT)
+        yield from side_by_side(dataset.page_ends(conn, org_key, params, size), fetch, after,
+                                size, PAGES_IN_FLIGHT)
     finally:
         for connection in spare:
             connection.close()

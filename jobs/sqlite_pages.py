@@ -27,7 +27,6 @@ from sqlalchemy import (
     Connection,
     Select,
     Text,
-    bindparam,
     case,
     cast,
     func,
@@ -129,9 +128,6 @@ def _fast_pages(conn: Connection, dataset: Dataset, org_key: str | None,
                 for ends_at in (False, True))  # jobs._fastcsv's order
     # Refused here if it would do more than read (the others add key bounds only).
     source.check_sqlite(conn, sql[0])
-    lower = bindparam("lower", 0)
-    ends = {first: dataset.batch(org_key, params, None if first else lower, 1)
-            .with_only_columns(key).offset(size - 1) for first in (True, False)}
     limit = source.timeout()
     readers = []
     try:
@@ -145,9 +141,6 @@ def _fast_pages(conn: Connection, dataset: Dataset, org_key: str | None,
     free: queue.SimpleQueue = queue.SimpleQueue()
     for reader in readers:
         free.put(reader)
-
-    def end_after(start: object) -> object:
-        return conn.execute(ends[start is None], {} if start is None else {"lower": start}).scalar()
 
     def fetch(start: object, end: object) -> Batch | None:
         reader = free.get()
@@ -167,7 +160,8 @@ def _fast_pages(conn: Connection, dataset: Dataset, org_key: str | None,
         return finish(Batch(data, rows, last_key, utf8=True))
 
     try:  # closing it closes side_by_side first: the pages under way end before their reader
-        yield from side_by_side(end_after, fetch, after, size, PAGES_IN_FLIGHT)
+        yield from side_by_side(dataset.page_ends(conn, org_key, params, size), fetch, after,
+                                size, PAGES_IN_FLIGHT)
     except _NotCanonical as stop:
         return False, stop.after
     finally:
