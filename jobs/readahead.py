@@ -40,6 +40,8 @@ def side_by_side(end_after: Callable[[object], object],
     `fetch(start, end)` the page after `start` up to `end` (None when it holds no row). The
     page without an end is the last, unless it comes back full (rows added meanwhile): then
     the pages go on after it. Pages come in key order whatever order they were read in.
+    One page more than `in_flight` is asked for: pages end in any order, and a thread done
+    early starts on it at once rather than wait for the caller to take the page before.
     Closing the iterator, or an error of `fetch`, waits for the pages under way."""
     with ThreadPoolExecutor(in_flight, thread_name_prefix="page") as pool:
         pending: deque = deque()  # (page being read, is it the last)
@@ -47,17 +49,21 @@ def side_by_side(end_after: Callable[[object], object],
 
         def fill() -> None:
             nonlocal start, more
-            while more and len(pending) < in_flight:
+            while more and len(pending) < in_flight + 1:  # + 1: see the docstring
                 end = end_after(start)
                 pending.append((pool.submit(fetch, start, end), end is None))
                 start, more = end, end is not None
 
-        fill()
-        while pending:
-            future, last = pending.popleft()
-            page = future.result()
-            if page is not None and last and page.rows == size:
-                start, more = page.last_key, True
-            fill()  # `in_flight` pages read while the caller writes this one
-            if page is not None:  # None: a range emptied meanwhile, or nothing left
-                yield page
+        try:
+            fill()
+            while pending:
+                future, last = pending.popleft()
+                page = future.result()
+                if page is not None and last and page.rows == size:
+                    start, more = page.last_key, True
+                fill()  # `in_flight` pages read, one waiting, while the caller writes this one
+                if page is not None:  # None: a range emptied meanwhile, or nothing left
+                    yield page
+        finally:  # the page waiting is not read: only those under way are waited for
+            for future, _ in pending:
+                future.cancel()
