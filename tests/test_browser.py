@@ -175,7 +175,7 @@ RECORD_PROGRESS = """() => {
 
 
 def test_live_progress_then_download_link_without_reload(browser, stack_factory, shots):
-    stack = stack_factory(rows=ROWS, **slow_exports(100))
+    stack = stack_factory(rows=ROWS, **slow_exports(10))
     page = open_page(browser, stack)
     log_in(page, shot=shots / "login.png")
 
