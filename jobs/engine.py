@@ -14,8 +14,9 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import asdict, replace
 from datetime import datetime, timedelta
 from traceback import format_exception
@@ -164,6 +165,36 @@ class _Heartbeat(threading.Thread):
                                  .values(lease_expires_at=utcnow() + _lease()))
 
 
+@contextmanager
+def _sigterm_noted() -> Iterator[None]:
+    """A SIGTERM reaching a Huey worker raises KeyboardInterrupt in its main thread; raised
+    inside a callback of SQLite's (the source's authorizer or progress handler), it is
+    swallowed and the statement fails as "not authorized" instead. The signal is noted here,
+    so that an error raised after it is the interruption it stands for (the job goes back to
+    the queue), not a failed attempt. Only where a Python handler is installed (a worker's
+    main thread): the default action, killing the process, stays as it is elsewhere."""
+    previous = signal.getsignal(signal.SIGTERM)
+    if not callable(previous) or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    seen = False
+
+    def noted(signum: int, frame) -> None:
+        nonlocal seen
+        seen = True
+        previous(signum, frame)
+
+    signal.signal(signal.SIGTERM, noted)
+    try:
+        yield
+    except Exception as exc:
+        if seen:
+            raise KeyboardInterrupt from exc
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _disarm_hard_timeout() -> None:
     """The attempt is already ending: let it record how, without the alarm cutting it short."""
     if threading.current_thread() is threading.main_thread():
@@ -214,7 +245,8 @@ def run(job_id: int, max_attempts: int) -> None:
 
     try:
         heartbeat.start()
-        _export(job, attempt, claim, files, on_checkpoint)
+        with _sigterm_noted():
+            _export(job, attempt, claim, files, on_checkpoint)
         attempt.outcome = "succeeded"
     except Cancelled:
         db.session.rollback()

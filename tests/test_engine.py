@@ -216,3 +216,45 @@ def test_an_attempt_is_recorded_also_when_the_database_cut_the_connection(app, m
 
         attempt = db.session.get(ExportJob, job_id).attempts[0]
         assert attempt.outcome == "failed" and attempt.finished_at is not None
+
+
+def test_a_sigterm_sqlite_swallows_still_gives_the_job_back_to_the_queue(app, monkeypatch):
+    """Huey's worker raises KeyboardInterrupt on SIGTERM; raised inside the source's authorizer
+    callback, SQLite swallows it and fails the statement ("not authorized"). The engine knows
+    the signal came: the job goes back to the queue, its attempt interrupted, not failed."""
+    import os
+    import signal
+    import threading
+
+    from test_cancel_retry import make_job
+
+    from jobs import engine, source
+    from jobs.models import ExportJob, JobAttempt, JobState, db
+
+    if not app.config["SQLALCHEMY_DATABASE_URI"].startswith("sqlite"):
+        pytest.skip("the authorizer is SQLite's")
+    calls, real = [], source._read_only
+
+    def authorizer(*args):
+        if threading.current_thread() is threading.main_thread():
+            calls.append(args)
+            if len(calls) == 30:  # a few pages in: the handler runs inside this callback
+                os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args)
+
+    def huey_worker(signum, frame):  # what Huey's process worker does with SIGTERM
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(source, "_read_only", authorizer)
+    job_id = make_job(app)
+    previous = signal.signal(signal.SIGTERM, huey_worker)
+    try:
+        with app.app_context(), pytest.raises(engine.Interrupted):
+            engine.run(job_id, max_attempts=3)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert len(calls) >= 30
+    with app.app_context():
+        assert db.session.get(ExportJob, job_id).state == JobState.QUEUED
+        attempt = db.session.scalars(db.select(JobAttempt).filter_by(job_id=job_id)).one()
+        assert attempt.outcome == "interrupted", attempt.error
