@@ -574,7 +574,6 @@ static PyObject *copy_out(PyObject *Py_UNUSED(module), PyObject *args) {
             failed = grow(&b, (size_t)n + (size_t)columns);
             if (!failed) {
                 last_at = b.len;
-                last_length = (size_t)n;
                 if (!fixes) {
                     memcpy(b.data + b.len, row, (size_t)n);
                     b.len += (size_t)n;
