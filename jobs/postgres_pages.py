@@ -167,8 +167,8 @@ def pages(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[
     def fetch(start: object, end: object) -> Batch | None:
         driver = free.get()
         try:
-            got = copy(driver, start, end, fixed=True) if fixes else False
-            if got is False:  # a value only the server formats (or nothing to fix)
+            got = copy(driver, start, end, fixed=bool(fixes))
+            if got is False:  # a value only the server formats
                 got = copy(driver, start, end, fixed=False)
         finally:
             free.put(driver)
