@@ -459,11 +459,12 @@ def _speed(consumers: dict[str, Consumer], database: str, formats: list[str], in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=1_000_000, help="rows for the speed runs")
-    parser.add_argument("--rss", default="100000,1000000,5000000", help="sizes for peak RSS")
+    parser.add_argument("--rss", default="100000,1000000,5000000",
+                        help="sizes for peak RSS ('': none)")
     parser.add_argument("--formats", default="csv,csv.gz,xlsx",
                         help="formats to run, of csv, csv.gz, xlsx (xlsx: against the csv tool)")
     parser.add_argument("--floor-rows", type=int, default=200_000,
-                        help="rows for the tutorial pattern (OFFSET is quadratic)")
+                        help="rows for the tutorial pattern (OFFSET is quadratic; 0: none)")
     parser.add_argument("--postgres", default=os.environ.get("BENCH_POSTGRES_URL", PG_DEFAULT),
                         help="PostgreSQL server URL ('' to skip)")
     parser.add_argument("--storage", choices=["local", "s3"], default="local",
@@ -485,7 +486,7 @@ def main() -> None:
         return
     if args.quick:
         args.rows, args.rss, args.floor_rows = 200_000, "20000,100000,200000", 50_000
-    rss_sizes = [int(s) for s in args.rss.split(",")]
+    rss_sizes = [int(s) for s in args.rss.split(",") if s]  # "": none
     formats = args.formats.split(",")
     me = [sys.executable, str(Path(__file__).resolve())]
     work = Path(tempfile.mkdtemp(prefix="exportdesk-bench-"))
@@ -493,7 +494,7 @@ def main() -> None:
     moto = moto_bucket(work) if args.storage == "s3" else None
     try:
         # SQLite: speed at --rows, against sqlite3 -csv and the tutorial pattern.
-        sizes = sorted({args.rows, args.floor_rows, *rss_sizes})
+        sizes = sorted({args.rows, *rss_sizes, *([args.floor_rows] if args.floor_rows else [])})
         rss: dict[tuple[str, int], tuple[int, int]] = {}  # (format, rows): worker, reader
         for size in sizes:
             inst = work / f"sqlite-{size}"

@@ -110,8 +110,7 @@ static int utf8_length(const unsigned char *s, size_t n) {
     return 0;
 }
 
-/* Text neutralised (a formula prefix gets an apostrophe) and quoted where CSV needs it, as
-   jobs.sqlite_reader._text; -1 for text it refuses. */
+/* Bytes of a 64-bit word, for the SWAR tests below. */
 static const uint64_t ONES = 0x0101010101010101ULL, HIGHS = 0x8080808080808080ULL;
 
 /* Whether any of the 8 bytes of v is b (a SWAR test: true only for a byte equal to b). */
@@ -128,9 +127,9 @@ static inline int plain_word(const unsigned char *s) {
              has_byte(v, '\n') | has_byte(v, 0));
 }
 
-/* Text neutralised (a formula prefix gets an apostrophe) and quoted where CSV needs it, as
-   jobs.sqlite_reader._text; -1 for text it refuses. */
-static int put_text(Buf *b, const unsigned char *s, size_t n) {
+/* Text neutralised (with `neutralise`, a formula prefix gets an apostrophe) and quoted where
+   CSV needs it, as jobs.sqlite_reader._text; -1 for text it refuses. */
+static int put_text(Buf *b, const unsigned char *s, size_t n, int neutralise) {
     int quote = 0;
     for (size_t i = 0; i < n;) {
         if (i + 8 <= n && plain_word(s + i)) {
@@ -150,7 +149,7 @@ static int put_text(Buf *b, const unsigned char *s, size_t n) {
     }
     if (grow(b, 2 * n + 3)) return -2;
     if (quote) PUT(b, '"');
-    if (n && formula_prefix[s[0]]) PUT(b, '\'');
+    if (neutralise && n && formula_prefix[s[0]]) PUT(b, '\'');
     if (quote) {
         for (size_t i = 0; i < n; i++) {
             if (s[i] == '"') PUT(b, '"');
@@ -273,7 +272,7 @@ static int put_row(Reader *r, sqlite3_stmt *st, Buf *b) {
             size_t n = (size_t)sqlite3_column_bytes(st, col);
             if (!s) return -2;
             if (kind == K_TEXT) {
-                done = put_text(b, s, n);
+                done = put_text(b, s, n, 1);
             } else if (kind == K_DATETIME) {
                 done = put_datetime(b, s, n);
             } else {
@@ -470,127 +469,251 @@ static PyObject *libpq(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored)
     return PyBool_FromLong(libpq_copies == 1);
 }
 
-/* How copy_out fixes a field of a COPY that prints values as stored (jobs.postgres_pages): */
-enum fix {
-    F_AS_IS,         /* as printed */
-    F_TEXT,          /* text: a formula prefix neutralised (jobs.csvrows), "" (empty) as empty */
-    F_DATETIME,      /* timestamp: to the second (ISO, four-digit years only) */
-    F_DATETIME_UTC,  /* timestamptz in a UTC session: to the second, without its "+00" */
+/* How copy_out writes a field of a binary COPY in CSV, as the server's CSV COPY of the query
+   jobs.postgres_pages formats (_pg_text) would print it: */
+enum field {
+    B_TEXT,        /* text (formatted): quoted where CSV needs it, an empty one as "" */
+    B_STORED_TEXT, /* text as stored: a formula prefix neutralised, an empty one as empty */
+    B_INT2,
+    B_INT4,
+    B_INT8,
+    B_NUMERIC,     /* as numeric_out prints it */
+    B_DATE,        /* ISO, years 1 to 9999 */
+    B_TIMESTAMP,   /* timestamp, or timestamptz in a UTC session: to the second, years 1 to 9999 */
 };
 
-/* The datetime printed in s (n bytes), as jobs.postgres_pages formats it: its first 19 bytes,
-   or -1 for a shape only the server formats (a fifth digit of year, BC, infinity). */
-static int put_moment(Buf *b, const unsigned char *s, size_t n, int utc) {
-    if (n == 0) return 0; /* NULL */
-    if (n < 19 || s[4] != '-' || s[7] != '-' || s[10] != ' ' || s[13] != ':' || s[16] != ':' ||
-        digits(s, 4) < 0 || digits(s + 5, 2) < 0 || digits(s + 8, 2) < 0 ||
-        digits(s + 11, 2) < 0 || digits(s + 14, 2) < 0 || digits(s + 17, 2) < 0)
-        return -1;
-    size_t at = 19;
-    if (at < n && s[at] == '.') {
-        if (++at == n || s[at] < '0' || s[at] > '9') return -1;
-        while (at < n && s[at] >= '0' && s[at] <= '9') at++;
-    }
-    if (utc) {
-        if (n - at != 3 || memcmp(s + at, "+00", 3) != 0) return -1;
-    } else if (at != n) {
-        return -1;
-    }
-    memcpy(b->data + b->len, s, 19);
-    b->len += 19;
+static inline uint32_t be16(const unsigned char *p) { return (uint32_t)p[0] << 8 | p[1]; }
+
+static inline uint32_t be32(const unsigned char *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+static inline uint64_t be64(const unsigned char *p) {
+    return (uint64_t)be32(p) << 32 | be32(p + 4);
+}
+
+static void put2(Buf *b, int v) {
+    PUT(b, (char)('0' + v / 10));
+    PUT(b, (char)('0' + v % 10));
+}
+
+/* YYYY-MM-DD of a day counted from PostgreSQL's epoch (2000-01-01), or -1 outside years 1
+   to 9999 (BC, a fifth digit, infinity: printed otherwise). The civil calendar from days of
+   H. Hinnant's chrono-compatible algorithms. */
+static int put_day(Buf *b, int64_t day) {
+    int64_t z = day + 10957 + 719468; /* from 0000-03-01 */
+    int64_t era = (z >= 0 ? z : z - 146096) / 146097;
+    int64_t doe = z - era * 146097;
+    int64_t yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    int64_t doy = doe - (365 * yoe + yoe / 4 - yoe / 100), mp = (5 * doy + 2) / 153;
+    int64_t d = doy - (153 * mp + 2) / 5 + 1, m = mp < 10 ? mp + 3 : mp - 9;
+    int64_t y = yoe + era * 400 + (m <= 2);
+    if (y < 1 || y > 9999) return -1;
+    put2(b, (int)(y / 100));
+    put2(b, (int)(y % 100));
+    PUT(b, '-');
+    put2(b, (int)m);
+    PUT(b, '-');
+    put2(b, (int)d);
     return 0;
 }
 
-/* One row of COPY's CSV (n bytes, ending in a newline) with its fields fixed; -1 when a field
-   is not in a shape this fixes (the caller has the server format the page). */
-static int put_fixed_row(Buf *b, const unsigned char *row, size_t n, const unsigned char *fixes,
-                         size_t columns) {
-    size_t at = 0;
-    for (size_t c = 0; c < columns; c++) {
-        size_t start = at;
-        if (at < n && row[at] == '"') { /* quoted: ends at a quote not doubled */
-            for (at++;;) {
-                const unsigned char *q = memchr(row + at, '"', n - at);
-                if (!q) return -1;
-                at = (size_t)(q - row) + 1;
-                if (at < n && row[at] == '"') at++;
-                else break;
-            }
-        } else {
-            while (at < n && row[at] != ',' && row[at] != '\n') at++;
-        }
-        if (at >= n || row[at] != (c + 1 < columns ? ',' : '\n')) return -1;
-        const unsigned char *s = row + start;
-        size_t len = at - start;
-        switch (fixes[c]) {
-        case F_TEXT:
-            if (len == 2 && s[0] == '"') break; /* "": an empty text, written as empty */
-            if (len && s[0] == '"' && formula_prefix[s[1]]) {
-                PUT(b, '"');
-                PUT(b, '\'');
-                s++, len--;
-            } else if (len && formula_prefix[s[0]]) {
-                PUT(b, '\'');
-            }
-            memcpy(b->data + b->len, s, len);
-            b->len += len;
-            break;
-        case F_DATETIME:
-        case F_DATETIME_UTC:
-            if (put_moment(b, s, len, fixes[c] == F_DATETIME_UTC) < 0) return -1;
-            break;
-        default:
-            memcpy(b->data + b->len, s, len);
-            b->len += len;
-        }
-        PUT(b, (char)row[at++]);
+/* A numeric's binary form (ndigits, weight, sign, dscale, then base-10000 digits) as
+   numeric_out prints it (PostgreSQL's get_str_from_var); -1 for a shape it does not have. */
+static int put_numeric(Buf *b, const unsigned char *p, size_t n) {
+    if (n < 8) return -1;
+    int ndigits = (int)be16(p), weight = (int16_t)be16(p + 2), sign = (int)be16(p + 4);
+    int dscale = (int)be16(p + 6);
+    if (n != 8 + 2 * (size_t)ndigits) return -1;
+    const char *special = sign == 0xC000 ? "NaN" : sign == 0xD000 ? "Infinity"
+                        : sign == 0xF000 ? "-Infinity" : NULL;
+    if (grow(b, 16 + 4 * (size_t)(weight > 0 ? weight : 0) + (size_t)dscale)) return -2;
+    if (special) {
+        memcpy(b->data + b->len, special, strlen(special));
+        b->len += strlen(special);
+        return 0;
     }
-    return at == n ? 0 : -1;
+    if (sign != 0 && sign != 0x4000) return -1;
+    for (int i = 0; i < ndigits; i++)
+        if (be16(p + 8 + 2 * i) > 9999) return -1;
+#define DIGIT(d) ((d) >= 0 && (d) < ndigits ? (int)be16(p + 8 + 2 * (d)) : 0)
+    if (sign == 0x4000) PUT(b, '-');
+    int d;
+    if (weight < 0) {
+        d = weight + 1;
+        PUT(b, '0');
+    } else {
+        for (d = 0; d <= weight; d++) {
+            int dig = DIGIT(d);
+            if (d == 0) { /* no leading zeroes */
+                put_digits(b, (uint64_t)dig);
+                continue;
+            }
+            put2(b, dig / 100);
+            put2(b, dig % 100);
+        }
+    }
+    if (dscale > 0) {
+        PUT(b, '.');
+        size_t end = b->len + (size_t)dscale;
+        for (int i = 0; i < dscale; d++, i += 4) { /* whole groups, then cut to dscale */
+            int dig = DIGIT(d);
+            put2(b, dig / 100);
+            put2(b, dig % 100);
+        }
+        b->len = end;
+    }
+#undef DIGIT
+    return 0;
 }
 
-/* copy_out(pgconn_ptr, fixes=None) -> (bytes, rows, last row): the rows of the COPY TO STDOUT
+/* Text as the server's CSV COPY prints it (quoted where it holds " , CR or LF, an empty one as
+   ""), with `stored`, after _pg_text's rules (a formula prefix neutralised, empty as NULL).
+   -1 for `\.` alone in a one-column row (the server quotes it) and for what put_text refuses. */
+static int put_copy_text(Buf *b, const unsigned char *s, size_t n, int stored, size_t columns) {
+    if (columns == 1 && n == 2 && s[0] == '\\' && s[1] == '.') return -1;
+    if (!n && !stored) {
+        if (grow(b, 2)) return -2;
+        PUT(b, '"');
+        PUT(b, '"');
+        return 0;
+    }
+    return put_text(b, s, n, stored); /* formatted text is neutralised already */
+}
+
+/* One tuple of a binary COPY (from p, n bytes left) as a CSV row: its length in p, 0 for the
+   trailer, -1 for a field it does not write (the caller has the server format the page). */
+static long put_tuple(Buf *b, const unsigned char *p, size_t n, const unsigned char *fields,
+                      size_t columns) {
+    if (n < 2) return -1;
+    if (be16(p) == 0xFFFF) return 0; /* the trailer */
+    if (be16(p) != columns) return -1;
+    size_t at = 2;
+    for (size_t c = 0; c < columns; c++) {
+        if (n - at < 4) return -1;
+        int32_t length = (int32_t)be32(p + at);
+        at += 4;
+        if (grow(b, 32)) return -2;
+        if (c) PUT(b, ',');
+        if (length < 0) continue; /* NULL: an empty field */
+        if ((size_t)length > n - at) return -1;
+        const unsigned char *v = p + at;
+        size_t len = (size_t)length;
+        at += len;
+        int done = 0;
+        switch (fields[c]) {
+        case B_TEXT:
+        case B_STORED_TEXT:
+            done = put_copy_text(b, v, len, fields[c] == B_STORED_TEXT, columns);
+            break;
+        case B_INT2:
+            if (len != 2) return -1;
+            put_int(b, (int16_t)be16(v));
+            break;
+        case B_INT4:
+            if (len != 4) return -1;
+            put_int(b, (int32_t)be32(v));
+            break;
+        case B_INT8:
+            if (len != 8) return -1;
+            put_int(b, (int64_t)be64(v));
+            break;
+        case B_NUMERIC:
+            done = put_numeric(b, v, len);
+            break;
+        case B_DATE:
+            if (len != 4) return -1;
+            done = put_day(b, (int32_t)be32(v));
+            break;
+        case B_TIMESTAMP: {
+            if (len != 8) return -1;
+            int64_t us = (int64_t)be64(v), s = us / 1000000 - (us % 1000000 < 0);
+            int64_t day = s / 86400 - (s % 86400 < 0), second = s - day * 86400;
+            if ((done = put_day(b, day))) break;
+            PUT(b, ' ');
+            put2(b, (int)(second / 3600));
+            PUT(b, ':');
+            put2(b, (int)(second / 60 % 60));
+            PUT(b, ':');
+            put2(b, (int)(second % 60));
+            break;
+        }
+        default:
+            return -1;
+        }
+        if (done) return done;
+    }
+    if (grow(b, 1)) return -2;
+    PUT(b, '\n');
+    return (long)at;
+}
+
+static const unsigned char SIGNATURE[11] = "PGCOPY\n\377\r\n";
+
+/* copy_out(pgconn_ptr, fields=None) -> (bytes, rows, last row): the rows of the COPY TO STDOUT
    under way on that connection, until its end or an error (the caller reads the command's
-   result next); with `fixes` (one enum fix a column), each field fixed, or False once a
-   field is not in a shape its fix knows (the rest of the COPY is read and dropped). */
+   result next); with `fields` (one enum field a column), a binary COPY written as CSV, or
+   False once a field is not one it writes (the rest of the COPY is read and dropped). */
 static PyObject *copy_out(PyObject *Py_UNUSED(module), PyObject *args) {
     unsigned long long address;
-    const char *fixes = NULL;
+    const char *fields = NULL;
     Py_ssize_t columns = 0;
-    if (!PyArg_ParseTuple(args, "K|z#", &address, &fixes, &columns)) return NULL;
+    if (!PyArg_ParseTuple(args, "K|z#", &address, &fields, &columns)) return NULL;
     if (libpq_copies != 1) {
         PyErr_SetString(PyExc_RuntimeError, "no single libpq is loaded");
         return NULL;
     }
     Buf b = {0};
     size_t last_at = 0, last_length = 0;
-    int rows = 0, n, failed = 0, unfixable = 0;
+    int rows = 0, n, failed = 0, refused = 0, header = fields != NULL;
     Py_BEGIN_ALLOW_THREADS
     for (;;) {
-        char *row;
-        n = pq_get_copy_data((void *)(uintptr_t)address, &row, 0); /* 0: wait, without the GIL */
+        char *message;
+        n = pq_get_copy_data((void *)(uintptr_t)address, &message, 0); /* 0: wait, no GIL */
         if (n <= 0) break;
-        if (!failed && !unfixable) {
-            /* A fixed row grows by a quote per text field at most. */
-            failed = grow(&b, (size_t)n + (size_t)columns);
+        const unsigned char *p = (const unsigned char *)message;
+        size_t left = (size_t)n;
+        if (failed || refused) {
+            /* read to the end, dropped */
+        } else if (!fields) { /* CSV: a message a row */
+            failed = grow(&b, left);
             if (!failed) {
                 last_at = b.len;
-                if (!fixes) {
-                    memcpy(b.data + b.len, row, (size_t)n);
-                    b.len += (size_t)n;
-                } else if (put_fixed_row(&b, (const unsigned char *)row, (size_t)n,
-                                         (const unsigned char *)fixes, (size_t)columns) < 0) {
-                    unfixable = 1;
-                }
-                last_length = b.len - last_at;
+                memcpy(b.data + b.len, p, left);
+                b.len += left;
+                last_length = left;
                 rows++;
             }
+        } else {
+            if (header) { /* before the first tuple: signature, flags, extension */
+                if (left < 19 || memcmp(p, SIGNATURE, 11) || be32(p + 15) > left - 19) {
+                    refused = 1;
+                } else {
+                    size_t skip = 19 + be32(p + 15);
+                    p += skip, left -= skip;
+                    header = 0;
+                }
+            }
+            while (left && !refused && !failed) { /* a tuple a message, as the server sends */
+                size_t at = b.len;
+                long used = put_tuple(&b, p, left, (const unsigned char *)fields,
+                                      (size_t)columns);
+                if (used == -2) failed = 1;
+                else if (used < 0) refused = 1;
+                else if (used == 0) left = 0; /* the trailer */
+                else {
+                    p += used, left -= (size_t)used;
+                    last_at = at, last_length = b.len - at;
+                    rows++;
+                }
+            }
         }
-        pq_freemem(row); /* after a failure too: the COPY is read to its end */
+        pq_freemem(message); /* after a failure too: the COPY is read to its end */
     }
     Py_END_ALLOW_THREADS
     PyObject *result;
     if (failed) result = PyErr_NoMemory();
-    else if (unfixable) result = Py_NewRef(NotFast);
+    else if (refused) result = Py_NewRef(NotFast);
     else result = Py_BuildValue("(y#iy#)", b.data ? b.data : "", (Py_ssize_t)b.len, rows,
                                 b.data ? b.data + last_at : "", (Py_ssize_t)last_length);
     free(b.data);
@@ -600,8 +723,9 @@ static PyObject *copy_out(PyObject *Py_UNUSED(module), PyObject *args) {
 static PyMethodDef module_functions[] = {
     {"libpq", libpq, METH_NOARGS, "Whether copy_out can run: one libpq is loaded."},
     {"copy_out", copy_out, METH_VARARGS,
-     "copy_out(pgconn_ptr, fixes=None) -> (bytes, rows, last row) of the COPY TO STDOUT under "
-     "way, each field fixed as `fixes` says (False: a field it cannot fix)."},
+     "copy_out(pgconn_ptr, fields=None) -> (bytes, rows, last row) of the COPY TO STDOUT under "
+     "way: its CSV, or with `fields` a binary COPY written as CSV (False: a field it does not "
+     "write)."},
     {NULL},
 };
 

@@ -1,6 +1,7 @@
-"""PostgreSQL's pages as CSV: the server writes the CSV itself (COPY) and formats every value,
-but those whose stored type it prints as formatted except for what jobs._fastcsv fixes in C as
-it reads (a fraction of a second, a formula prefix, an empty text: `_as_stored`).
+"""PostgreSQL's pages as CSV, by COPY: a binary COPY that jobs._fastcsv.copy_out writes as CSV in
+C, the server formatting only the columns whose stored type does not print as an export
+formats it (`binary_fields`); else (no C extension, or a value copy_out does not write) a CSV
+COPY of the query that has the server format every value (`_pg_text`).
 
 Literal values in the SQL are validated server-side parameters (integers, ISO dates, fixed
 choices), rendered by SQLAlchemy: COPY cannot take bind parameters. psycopg is imported where it
@@ -48,7 +49,7 @@ FORMULA_CODES = [ord(prefix) for prefix in FORMULA_PREFIXES]
 def copy_query(dataset: Dataset, org_key: str | None, params: dict[str, str], after: object,
                size: int | None, as_stored: Container[str] = ()) -> Select:
     """The page as PostgreSQL text columns, ready for COPY (also the benchmark's psql query);
-    the columns named in `as_stored` as stored (jobs._fastcsv.copy_out fixes them)."""
+    the columns named in `as_stored` as stored (read by a binary COPY: binary_fields)."""
     stmt = dataset.batch(org_key, params, after, size)
     return stmt.with_only_columns(
         *(dataset.table.c[c.name].label(c.name) if c.name in as_stored
@@ -57,44 +58,49 @@ def copy_query(dataset: Dataset, org_key: str | None, params: dict[str, str], af
     )
 
 
-# How jobs._fastcsv.copy_out fixes a column printed as stored (its enum fix).
-AS_IS, TEXT, DATETIME, DATETIME_UTC = range(4)
+# How jobs._fastcsv.copy_out writes a field of a binary COPY (its enum field), by the type the
+# query gives it: a text (as _pg_text formats it), a text column as stored, or a value as stored.
+TEXT, STORED_TEXT, INT2, INT4, INT8, NUMERIC, DATE, TIMESTAMP = range(8)
+STORED = {"int2": INT2, "int4": INT4, "int8": INT8, "numeric": NUMERIC, "date": DATE,
+          "timestamp": TIMESTAMP, "timestamptz": TIMESTAMP, "text": STORED_TEXT,
+          "varchar": STORED_TEXT}
 
 
-def _as_stored(conn: Connection, dataset: Dataset, org_key: str | None,
-               params: dict[str, str]) -> dict[str, int]:
-    """The columns whose stored type COPY prints as `_pg_text` formats it, but for what
-    copy_out then fixes (name: fix): the server's formatting costs a third of a page's time,
-    the fix in C next to nothing. The stored types are the query's result types. A value the
-    fix does not know (a timestamp BC, infinity) has the server format the page after all."""
+def binary_fields(conn: Connection, dataset: Dataset, org_key: str | None,
+                  params: dict[str, str]) -> tuple[set[str], bytes]:
+    """The columns a binary COPY reads as stored, and how copy_out writes each column (its
+    enum field, in the dataset's order): as stored where the
+    stored type prints as `_pg_text` formats it but for what copy_out does in C (a fraction of
+    a second, a formula prefix, an empty text), else formatted by the server (text, or int8 for
+    an int). The server's formatting costs it a third of a page's time, its binary output next
+    to nothing. The stored types are the query's result types. A value copy_out does not write
+    (a timestamp BC, infinity) has the server format the page after all."""
     stmt = dataset.batch(org_key, params, None, 0).with_only_columns(
         *(dataset.table.c[c.name] for c in dataset.columns), maintain_column_froms=True)
     result = conn.execute(stmt)
     types = conn.connection.dbapi_connection.adapters.types
-    fixes = {}
+    as_stored, fields = set(), []
     for column, described in zip(dataset.columns, result.cursor.description, strict=True):
         stored = types.get(described.type_code)
-        fix = _fix(column, stored.name if stored else "", described.scale)
-        if fix is not None:
-            fixes[column.name] = fix
+        if _as_stored(column, stored.name if stored else "", described.scale):
+            as_stored.add(column.name)
+            fields.append(STORED[stored.name])
+        else:  # _pg_text's type
+            fields.append(INT8 if column.kind == "int" else TEXT)
     result.close()
-    return fixes
+    return as_stored, bytes(fields)
 
 
-def _fix(column: Column, stored: str, scale: int | None) -> int | None:
-    """How a column of this kind stored as this type is fixed; None: the server formats it."""
+def _as_stored(column: Column, stored: str, scale: int | None) -> bool:
+    """Whether a column of this kind stored as this type prints as `_pg_text` formats it, but
+    for what copy_out does."""
     kind = column.kind
-    if kind == "int" and stored in ("int2", "int4", "int8"):
-        return AS_IS
-    if kind == "decimal" and stored == "numeric" and column.scale in (None, scale):
-        return AS_IS  # a numeric(p, s) prints s places: round(x, s) prints the same
-    if kind == "date" and stored == "date":
-        return AS_IS
-    if kind == "datetime" and stored in ("timestamp", "timestamptz"):
-        return DATETIME if stored == "timestamp" else DATETIME_UTC
-    if kind == "text" and stored in ("text", "varchar"):
-        return TEXT
-    return None
+    return ((kind == "int" and stored in ("int2", "int4", "int8"))
+            # a numeric(p, s) prints s places: round(x, s) prints the same
+            or (kind == "decimal" and stored == "numeric" and column.scale in (None, scale))
+            or (kind == "date" and stored == "date")
+            or (kind == "datetime" and stored in ("timestamp", "timestamptz"))
+            or (kind == "text" and stored in ("text", "varchar")))
 
 
 def _pg_text(col: ColumnElement, column: Column) -> ColumnElement:
@@ -141,41 +147,40 @@ def pages(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[
         return stmt.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
 
     in_c = _fastcsv is not None and _fastcsv.libpq()  # copy_out can read the rows
-    fixes = _as_stored(conn, dataset, org_key, params) if in_c else {}
-    fix_codes = bytes(fixes.get(c.name, AS_IS) for c in dataset.columns) if fixes else None
-    queries = {(first, last, fixed): compiled(copy_query(dataset, org_key, params,
-                                                         None if first else lower,
-                                                         size if last else None,
-                                                         fixes if fixed else ())
-                                              .where(*([] if last else [key <= upper])))
+    as_stored, fields = binary_fields(conn, dataset, org_key, params) if in_c else ((), None)
+    queries = {(first, last, binary): compiled(copy_query(dataset, org_key, params,
+                                                          None if first else lower,
+                                                          size if last else None,
+                                                          as_stored if binary else ())
+                                               .where(*([] if last else [key <= upper])))
                for first in (True, False) for last in (True, False)
-               for fixed in {False, bool(fixes)}}
+               for binary in {False, in_c}}
     spare = [conn.engine.raw_connection() for _ in range(PAGES_IN_FLIGHT)]
     free: queue.SimpleQueue = queue.SimpleQueue()
     for connection in spare:
         free.put(connection.driver_connection)
 
-    def copy(driver, start: object, end: object, fixed: bool) -> tuple | bool:
-        page = queries[start is None, end is None, fixed]
+    def copy(driver, start: object, end: object, binary: bool) -> tuple | bool:
+        page = queries[start is None, end is None, binary]
         values = {**page.params, **{k: v for k, v in (("lower", start), ("upper", end))
                                     if k in page.params}}
         # values merged client-side by psycopg: COPY takes no bind parameters
         sql = psycopg.ClientCursor(driver).mogrify(str(page), values)
-        return _copy(driver, f"COPY ({sql}) TO STDOUT WITH (FORMAT csv)", in_c,
-                     fix_codes if fixed else None)
+        return _copy(driver, f"COPY ({sql}) TO STDOUT WITH (FORMAT "
+                             f"{'binary' if binary else 'csv'})", in_c, fields if binary else None)
 
     def fetch(start: object, end: object) -> Batch | None:
         driver = free.get()
         try:
-            got = copy(driver, start, end, fixed=bool(fixes))
+            got = copy(driver, start, end, binary=in_c)
             if got is False:  # a value only the server formats
-                got = copy(driver, start, end, fixed=False)
+                got = copy(driver, start, end, binary=False)
         finally:
             free.put(driver)
         data, rows, last_row = got
         if not rows:
             return None
-        # COPY sends one message per row: the page's last one holds its last key
+        # the page's last row holds its last key
         last = next(csv.reader([last_row.decode(errors="replace")]))[key_index]
         # utf8: the session's encoding (jobs.source); finished in this thread
         return finish(Batch(data, rows, int(last), utf8=True))
@@ -188,11 +193,11 @@ def pages(conn: Connection, dataset: Dataset, org_key: str | None, params: dict[
             connection.close()
 
 
-def _copy(driver, query: str, in_c: bool, fixes: bytes | None = None
+def _copy(driver, query: str, in_c: bool, fields: bytes | None = None
           ) -> tuple[bytearray, int, bytes] | bool:
-    """The output of a COPY ... TO STDOUT read straight from libpq: (bytes, rows, last row),
-    with `fixes` (jobs._fastcsv.copy_out's, one a column) each field fixed, or False when one
-    is not in a shape its fix knows.
+    """The output of a COPY ... TO STDOUT read straight from libpq: (bytes, rows, last row);
+    with `fields` (jobs._fastcsv.copy_out's, one a column) a binary COPY written as CSV, or
+    False when it holds a value copy_out does not write.
 
     psycopg's Copy iterator costs a generator round trip per row, as much time as the server
     spends on it; keeping a buffer object per row costs as much again (the garbage collector
@@ -208,7 +213,7 @@ def _copy(driver, query: str, in_c: bool, fixes: bytes | None = None
     if result.status != pq.ExecStatus.COPY_OUT:
         raise _database_error(query, errors.error_from_result(result))
     if in_c:  # the same loop, in C without the GIL
-        got = _fastcsv.copy_out(pgconn.pgconn_ptr, fixes)
+        got = _fastcsv.copy_out(pgconn.pgconn_ptr, fields)
     else:
         got = _copy_rows(pgconn)
     result = pgconn.get_result()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol, TypeVar
 
 Page = TypeVar("Page")
@@ -41,16 +41,21 @@ def side_by_side(end_after: Callable[[object], object],
     page without an end is the last, unless it comes back full (rows added meanwhile): then
     the pages go on after it. Pages come in key order whatever order they were read in.
     One page more than `in_flight` is asked for: pages end in any order, and a thread done
-    early starts on it at once rather than wait for the caller to take the page before.
+    early starts on it at once rather than wait for the caller to take the page before. The
+    next end is looked up in a thread of its own as soon as the one before is known: a lookup
+    costs about as long as writing a page, and the caller's thread only writes.
     Closing the iterator, or an error of `fetch`, waits for the pages under way."""
-    with ThreadPoolExecutor(in_flight, thread_name_prefix="page") as pool:
+    with ThreadPoolExecutor(in_flight, thread_name_prefix="page") as pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="page-end") as looking:
         pending: deque = deque()  # (page being read, is it the last)
         start, more = after, True
+        next_end: Future | None = None  # end_after(start), looked up while the caller writes
 
         def fill() -> None:
-            nonlocal start, more
+            nonlocal start, more, next_end
             while more and len(pending) < in_flight + 1:  # + 1: see the docstring
-                end = end_after(start)
+                end = (next_end or looking.submit(end_after, start)).result()
+                next_end = looking.submit(end_after, end) if end is not None else None
                 pending.append((pool.submit(fetch, start, end), end is None))
                 start, more = end, end is not None
 
@@ -67,3 +72,5 @@ def side_by_side(end_after: Callable[[object], object],
         finally:  # the page waiting is not read: only those under way are waited for
             for future, _ in pending:
                 future.cancel()
+            if next_end is not None:
+                next_end.cancel()

@@ -260,20 +260,20 @@ def test_values_printed_as_stored_and_fixed_in_c_are_the_servers_formatting(
     copies = []
     real_copy = postgres_pages._copy
 
-    def spy(driver, query, in_c, fixes=None):
-        got = real_copy(driver, query, in_c, fixes)
-        copies.append((fixes is not None, got is not False))
+    def spy(driver, query, in_c, fields=None):
+        got = real_copy(driver, query, in_c, fields)
+        copies.append((fields is not None, got is not False))
         return got
 
     monkeypatch.setattr(postgres_pages, "_copy", spy)
     with engine.connect() as conn:
-        assert set(postgres_pages._as_stored(conn, dataset, None, {})) == FIXED
+        assert postgres_pages.binary_fields(conn, dataset, None, {})[0] == FIXED
         fixed = b"".join(b.data for b in postgres_pages.pages(conn, dataset, None, {}, None, 7))
         past_the_fix = {(key - 1) // 7 for key in (1001, 1002, 1003)}  # 7 rows a page
         assert copies.count((True, False)) == len(past_the_fix) == 2  # and no other
         assert copies.count((True, True)) == -(-1003 // 7) - 2
         with monkeypatch.context() as patch:
-            patch.setattr(postgres_pages, "_as_stored", lambda *args: {})
+            patch.setattr(postgres_pages._fastcsv, "libpq", lambda: False)
             formatted = b"".join(b.data for b in postgres_pages.pages(conn, dataset, None, {},
                                                                        None, 7))
     engine.dispose()
