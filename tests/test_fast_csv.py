@@ -191,11 +191,11 @@ def test_copy_out_ends_at_an_error_the_server_sends_midway(pg):
 
 # A PostgreSQL table of every type the fix knows, and some it leaves to the server.
 STORED = {"small": ("int2", "int"), "big": ("int8", "int"), "n2": ("numeric(12, 2)", "decimal"),
-          "n": ("numeric", "decimal"), "f": ("float8", "decimal"), "d": ("date", "date"),
+          "n": ("numeric", "decimal"), "nn": ("numeric", "decimal"), "f": ("float8", "decimal"), "d": ("date", "date"),
           "ts": ("timestamp", "datetime"), "tz": ("timestamptz", "datetime"),
           "t": ("text", "text"), "v": ("varchar(40)", "text"), "c": ("char(6)", "text"),
           "b": ("boolean", "bool"), "j": ("json", "text")}
-FIXED = {"id", "small", "big", "n2", "d", "ts", "tz", "t", "v"}  # n: declared with a scale of 2
+FIXED = {"id", "small", "big", "n2", "nn", "d", "ts", "tz", "t", "v"}  # n: declared with scale 2
 
 
 def _stored_row(rnd: random.Random, key: int) -> tuple:
@@ -209,6 +209,8 @@ def _stored_row(rnd: random.Random, key: int) -> tuple:
     return (key, maybe(rnd.randint(-2**15, 2**15 - 1)), maybe(rnd.choice([-2**63, 2**63 - 1, 0])),
             maybe(rnd.choice(["0", "-0.5", "12.345", "9999999999.99", "NaN"])),
             maybe(rnd.choice(["1.005", "-2.675", "7", "NaN", "0.1"])),
+            maybe(rnd.choice(["0.000001", "-123456789.1234567890123", "1e-20", "-1e20", "0.0",
+                              "10000", "99990000.0001", "NaN", "Infinity", "-Infinity"])),
             maybe(rnd.choice(["0.1", "1e300", "-0", "Infinity"])), maybe(moment[:10]),
             maybe(moment), maybe(moment + rnd.choice(["+00", "+05:30", "-11"])),
             maybe(text), maybe(text[:40]), maybe(text[:6]), maybe(rnd.choice([True, False])),
