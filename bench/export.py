@@ -324,7 +324,7 @@ class Consumer:
                 self.worker = max(self.worker, _peak_rss(pid))
                 for child_pid in _children(pid):
                     self.reader = max(self.reader, _peak_rss(child_pid))
-            time.sleep(0.01)
+            time.sleep(0.05)  # the job times itself: a gentle poll leaves the CPU to it
         if state != "succeeded":
             raise RuntimeError(f"export {job_id} ended {state}")
         if pid:

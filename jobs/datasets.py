@@ -267,7 +267,12 @@ class Dataset:
         return end_after
 
     def count(self, org_key: str | None, params: dict[str, str]) -> Select:
-        return select(func.count()).select_from(self.query(org_key, params).subquery())
+        """Its rows, counted in key order: PostgreSQL then reads the key's index (as the page
+        ends do) in one process, where a count of the query alone is a parallel scan of the
+        table, three processes taking the CPU the export's own pages need (issue 19)."""
+        key = self.table.c[self.key]
+        keys = self.query(org_key, params).with_only_columns(key).order_by(key)
+        return select(func.count()).select_from(keys.subquery())
 
     def choices_query(self, param: Field, org_key: str | None) -> Select:
         """The distinct values a choice read from its column offers this organisation."""

@@ -189,9 +189,10 @@ def test_copy_out_ends_at_an_error_the_server_sends_midway(pg):
     assert postgres_pages._copy(pg, ROWS.format(n=3), in_c=True)[1] == 3
 
 
-# A PostgreSQL table of every type the fix knows, and some it leaves to the server.
+# A PostgreSQL table of every type copy_out prints as stored, and some the server formats.
 STORED = {"small": ("int2", "int"), "big": ("int8", "int"), "n2": ("numeric(12, 2)", "decimal"),
-          "n": ("numeric", "decimal"), "nn": ("numeric", "decimal"), "f": ("float8", "decimal"), "d": ("date", "date"),
+          "n": ("numeric", "decimal"), "nn": ("numeric", "decimal"), "f": ("float8", "decimal"),
+          "d": ("date", "date"),
           "ts": ("timestamp", "datetime"), "tz": ("timestamptz", "datetime"),
           "t": ("text", "text"), "v": ("varchar(40)", "text"), "c": ("char(6)", "text"),
           "b": ("boolean", "bool"), "j": ("json", "text")}
