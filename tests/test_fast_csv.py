@@ -2,7 +2,7 @@
 SQLite's C API, must write the very bytes of the Arrow reader (jobs.sqlite_reader) for every
 value it takes, hand every other page to that reader, and stop reading at once when closed.
 PostgreSQL's COPY rows read in C must be the rows the Python loop reads, errors included, and
-the values COPY prints as stored, fixed in C, the very bytes the server's formatting gives."""
+a binary COPY printed as CSV in C, the very bytes the server's own CSV formatting gives."""
 
 from __future__ import annotations
 
@@ -220,7 +220,7 @@ def _stored_row(rnd: random.Random, key: int) -> tuple:
 
 @pytest.fixture
 def stored(tmp_path):
-    """A database holding `stored`: random rows of every type, then pages the fix does not
+    """A database holding `stored`: random rows of every type, then pages copy_out does not
     know (ids 1001-1003: a timestamp BC, infinity, a year past 9999); its dataset."""
     server = TEST_DATABASE_URL or "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
     try:
@@ -250,11 +250,11 @@ def stored(tmp_path):
     drop_database(server, url)
 
 
-def test_values_printed_as_stored_and_fixed_in_c_are_the_servers_formatting(
+def test_a_binary_copy_printed_in_c_is_the_servers_own_csv(
         stored, monkeypatch):
     """The columns COPY prints as stored are the ones whose type prints as the server formats
-    it but for what the fix does; fixed in C, every page is byte for byte the server's own
-    formatting; a page holding a value the fix does not know (BC, infinity, a fifth digit of
+    it but for what copy_out does; printed in C, every page is byte for byte the server's own
+    CSV formatting; a page holding a value copy_out does not print (BC, infinity, a fifth digit of
     year) is formatted by the server, and only that page."""
     from jobs import source
 
@@ -272,8 +272,8 @@ def test_values_printed_as_stored_and_fixed_in_c_are_the_servers_formatting(
     with engine.connect() as conn:
         assert postgres_pages.binary_fields(conn, dataset, None, {})[0] == FIXED
         fixed = b"".join(b.data for b in postgres_pages.pages(conn, dataset, None, {}, None, 7))
-        past_the_fix = {(key - 1) // 7 for key in (1001, 1002, 1003)}  # 7 rows a page
-        assert copies.count((True, False)) == len(past_the_fix) == 2  # and no other
+        past_c = {(key - 1) // 7 for key in (1001, 1002, 1003)}  # 7 rows a page
+        assert copies.count((True, False)) == len(past_c) == 2  # and no other
         assert copies.count((True, True)) == -(-1003 // 7) - 2
         with monkeypatch.context() as patch:
             patch.setattr(postgres_pages._fastcsv, "libpq", lambda: False)
