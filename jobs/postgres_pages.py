@@ -69,12 +69,12 @@ STORED = {"int2": INT2, "int4": INT4, "int8": INT8, "numeric": NUMERIC, "date": 
 def binary_fields(conn: Connection, dataset: Dataset, org_key: str | None,
                   params: dict[str, str]) -> tuple[set[str], bytes]:
     """The columns a binary COPY reads as stored, and how copy_out writes each column (its
-    enum field, in the dataset's order): as stored where the
-    stored type prints as `_pg_text` formats it but for what copy_out does in C (a fraction of
-    a second, a formula prefix, an empty text), else formatted by the server (text, or int8 for
-    an int). The server's formatting costs it a third of a page's time, its binary output next
-    to nothing. The stored types are the query's result types. A value copy_out does not write
-    (a timestamp BC, infinity) has the server format the page after all."""
+    enum field, in the dataset's order). As stored where the stored type prints as `_pg_text`
+    formats it but for what copy_out does in C (a fraction of a second, a formula prefix, an
+    empty text), else formatted by the server (text, or int8 for an int): printing values
+    costs the server a third of a page's time, a binary COPY next to nothing. The stored types
+    are the query's result types. A value copy_out does not write (a timestamp BC, infinity)
+    has the server format the page after all."""
     stmt = dataset.batch(org_key, params, None, 0).with_only_columns(
         *(dataset.table.c[c.name] for c in dataset.columns), maintain_column_froms=True)
     result = conn.execute(stmt)
