@@ -32,6 +32,9 @@ TEST_DATABASE_URL = os.environ.get("TEST_DATABASE_URL", "")
 LANES_POSTGRES_SERVER = TEST_DATABASE_URL or "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
 if not TEST_DATABASE_URL:
     os.environ.pop("DATABASE_URL", None)  # never point the suite at a developer's database
+# Count an export's rows at once (the default waits a second), in the test apps and in every
+# process the tests start: many tests wait for the count to stop a worker a fraction of the way.
+os.environ["COUNT_AFTER"] = "0"
 
 
 def create_database(server_url: str, template: str | None = None) -> str:

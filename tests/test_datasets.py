@@ -385,13 +385,20 @@ def test_the_demo_file_is_what_ships_and_passes_its_own_check(tmp_path):
                                                                  "status"]
 
 
-def test_max_rows_and_formats_are_the_datasets_limits(app, client, tmp_path):
+def test_max_rows_and_formats_are_the_datasets_limits(app, client, tmp_path, monkeypatch):
+    from jobs import engine
+
     text = write_datasets(tmp_path).read_text().replace(
         'description = "Bookings of the team\'s own ledger."',
         'description = "Bookings of the team\'s own ledger."\nmax_rows = 10\nformats = ["csv"]')
     app.extensions["exportdesk.datasets"] = load(write_datasets(tmp_path, text))
+    monkeypatch.setitem(app.config, "COUNT_AFTER", 60.0)
+    delays = []
+    monkeypatch.setattr(engine, "_Count", lambda query, after, count=engine._Count: (
+        delays.append(after) or count(query, after)))
     job = run_inline(app, "alice@acme.test", "ledger")
     assert job.state == "failed" and "allows at most 10" in job.error, job.error
+    assert delays == [0.0], "a limit to hold the export to: counted at once, not after a minute"
     assert run_inline(app, "alice@acme.test", "ledger", {"amount_max": "5"}).state == "succeeded"
     login(client, "alice@acme.test")
     response = client.post("/api/exports", json={"dataset": "ledger", "format": "xlsx"},

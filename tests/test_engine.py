@@ -6,9 +6,12 @@ import csv
 import html
 import io
 import sqlite3
+import threading
+import time
+from collections.abc import Callable
 
 import pytest
-from conftest import login, run_inline
+from conftest import login, run_inline, wait_for
 from expected import expected_rows
 from sqlalchemy import create_engine, text
 
@@ -258,3 +261,73 @@ def test_a_sigterm_sqlite_swallows_still_gives_the_job_back_to_the_queue(app, mo
         assert db.session.get(ExportJob, job_id).state == JobState.QUEUED
         attempt = db.session.scalars(db.select(JobAttempt).filter_by(job_id=job_id)).one()
         assert attempt.outcome == "interrupted", attempt.error
+
+
+def _count_statements() -> tuple[list[float], Callable[[], None]]:
+    """When the source's rows are counted (monotonic times), until the returned stop()."""
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    seen: list[float] = []
+
+    def before(conn, cursor, statement, *_):
+        if "count(" in statement and "FROM transactions" in statement:
+            seen.append(time.monotonic())
+
+    event.listen(Engine, "before_cursor_execute", before)
+    return seen, lambda: event.remove(Engine, "before_cursor_execute", before)
+
+
+def test_an_export_done_within_count_after_is_never_counted(app, instance, monkeypatch):
+    """The count would cost the export's own CPU for a progress bar nobody sees: an export
+    that ends first is not counted, and its total is the rows it wrote."""
+    monkeypatch.setitem(app.config, "COUNT_AFTER", 60.0)
+    seen, stop = _count_statements()
+    try:
+        job = run_inline(app, "alice@acme.test", "transactions")
+    finally:
+        stop()
+    data = (instance / "exports" / job.file_name).read_bytes()
+    assert job.state == "succeeded" and seen == []
+    assert job.rows_done == job.rows_total == len(parse(data)) - 1 > 0
+    wait_for(lambda: not [t for t in threading.enumerate() if t.name.startswith("count")],
+             what="the count's thread to end")  # closed, not left waiting its minute
+
+
+def test_a_longer_export_is_counted_after_count_after_while_it_runs(app, monkeypatch):
+    """From COUNT_AFTER seconds in, the rows are counted; the count is saved with the next
+    checkpoint, while the export still runs."""
+    from jobs import engine
+
+    monkeypatch.setitem(app.config, "COUNT_AFTER", 0.3)
+    counted, saves, delays = threading.Event(), [], []
+
+    class Count(engine._Count):
+        def __init__(self, query, after):
+            delays.append(after)
+            super().__init__(query, after)
+            self._counted.add_done_callback(lambda _: counted.set())
+
+    real_save = engine._save
+
+    def save(job_id, claim, commit=True, **values):
+        saves.append(values)
+        checkpoint = values.get("checkpoint")
+        if checkpoint and not checkpoint["complete"]:
+            counted.wait(30)  # the first checkpoints wait for the count: it comes mid-export
+        real_save(job_id, claim, commit, **values)
+
+    monkeypatch.setattr(engine, "_Count", Count)
+    monkeypatch.setattr(engine, "_save", save)
+    seen, stop = _count_statements()
+    started = time.monotonic()
+    try:
+        job = run_inline(app, "alice@acme.test", "transactions")
+    finally:
+        stop()
+    assert job.state == "succeeded" and delays == [0.3]
+    assert len(seen) == 1 and seen[0] - started >= 0.3
+    counted_at = next(i for i, values in enumerate(saves) if "rows_total" in values)
+    assert saves[counted_at]["rows_total"] == job.rows_done == job.rows_total
+    assert any(values.get("checkpoint") and not values["checkpoint"]["complete"]
+               for values in saves[counted_at:]), "saved before the export ended"

@@ -144,6 +144,8 @@ def load() -> dict:
         "DOWNLOAD_URL_TTL": timedelta(seconds=_seconds("DOWNLOAD_URL_TTL", 300)),
         "EXPORT_BATCH_ROWS": int(os.environ.get("EXPORT_BATCH_ROWS", 10_000)),
         "CHECKPOINT_INTERVAL": _seconds("CHECKPOINT_INTERVAL", 0.5),
+        # An export still running this long has its rows counted, for its progress bar.
+        "COUNT_AFTER": _seconds("COUNT_AFTER", 1.0),
         # Start csv and csv.gz files with a UTF-8 byte order mark, so Excel reads them as UTF-8.
         "CSV_BOM": _flag("CSV_BOM", False),
         "EXPORTS_RUNNING_PER_USER": int(os.environ.get("EXPORTS_RUNNING_PER_USER", 1)),
