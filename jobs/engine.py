@@ -359,9 +359,9 @@ def _export(job: ExportJob, attempt: JobAttempt, claim: str, files: Storage,
         else:
             org_key = job.organisation.data_key_or_id
             counting = None
-            if job.rows_total is None:  # a limit to hold the export to: count at once
-                counting = _Count(dataset.count(org_key, params), 0.0 if dataset.max_rows
-                                  else current_app.config["COUNT_AFTER"])
+            if job.rows_total is None:  # at once when a limit (max_rows) holds the export
+                after = 0.0 if dataset.max_rows else current_app.config["COUNT_AFTER"]
+                counting = _Count(dataset.count(org_key, params), after)
             else:
                 _check_size(dataset, job.rows_total)
 
