@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
+import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import isal.isal_zlib
+from export import Run, best_of, measure  # bench/export.py: runs in turns, a tool's run
 from zlib_ng import zlib_ng
 
 
@@ -55,11 +57,11 @@ def members(csv: bytes, rows: int) -> list[bytes]:
     return pages
 
 
-def gzip6(path: Path) -> tuple[float, int]:
+def deflated(compress: Callable[[bytes], bytes], pages: list[bytes]) -> Run:
+    """Seconds and bytes of every page deflated in one thread (as bench/export.py's Run)."""
     start = time.perf_counter()
-    size = len(subprocess.run(["gzip", "-6", "-c", str(path)], check=True,
-                              capture_output=True).stdout)
-    return time.perf_counter() - start, size
+    size = sum(len(compress(page)) for page in pages)
+    return time.perf_counter() - start, 0, 0, size
 
 
 def main() -> None:
@@ -72,30 +74,25 @@ def main() -> None:
     args = parser.parse_args()
     data = args.csv.read_bytes()
     pages = members(data, args.rows_per_page)
-    runs = {"gzip -6 (the whole file)": None, **deflaters()}
-    best: dict[str, tuple[float, int]] = {}
-    for _ in range(args.repeat):  # in turns: this machine's speed drifts
-        for name, compress in runs.items():
-            if compress is None:
-                seconds, size = gzip6(args.csv)
-            else:
-                start = time.perf_counter()
-                size = sum(len(compress(page)) for page in pages)
-                seconds = time.perf_counter() - start
-            best[name] = (min(seconds, best.get(name, (seconds, 0))[0]), size)
-    reference = best["gzip -6 (the whole file)"][1]
+    compressors = deflaters()
+    with tempfile.TemporaryDirectory() as work:  # in turns: this machine's speed drifts
+        gzip6 = partial(measure, ["gzip", "-6", "-c", str(args.csv)], dict(os.environ),
+                        Path(work) / "whole.csv.gz")
+        results = best_of(args.repeat, gzip6, *(partial(deflated, compress, pages)
+                                                for compress in compressors.values()))
+    reference = results[0][3]
     print(f"{len(data):,} bytes of csv in {len(pages):,} members; {args.cores} cores"
           + (f"; csv export {args.csv_seconds:.2f} s" if args.csv_seconds else ""))
     print(f"\n{'deflate (one thread)':26} {'seconds':>8} {'MB/s':>6} {'bytes':>12} "
           f"{'× gzip -6':>9} {'≤ 1.1×':>6} {'csv.gz / csv speed, at best':>28}")
-    for name, (seconds, size) in best.items():
+    for name, (seconds, _, _, size) in zip(["gzip -6 (the whole file)", *compressors], results,
+                                           strict=True):
         bound = ""
-        if args.csv_seconds and name in deflaters():
+        if args.csv_seconds and name in compressors:
             bound = f"{args.csv_seconds / (args.csv_seconds + seconds / args.cores):.2f}×"
         print(f"{name:26} {seconds:>8.3f} {len(data) / seconds / 1e6:>6.0f} {size:>12,} "
               f"{size / reference:>8.3f}× {'yes' if size <= 1.1 * reference else 'no':>6} "
               f"{bound:>28}")
-
 
 if __name__ == "__main__":
     main()
