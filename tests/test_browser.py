@@ -180,6 +180,8 @@ def test_live_progress_then_download_link_without_reload(browser, stack_factory,
     log_in(page, shot=shots / "login.png")
 
     # inline validation while filling in the form
+    button = page.locator("#form-transactions button[type=submit]")
+    where = button.bounding_box()
     page.fill("#transactions-date_from", "2026-12-01")
     page.fill("#transactions-date_to", "2026-10-31")
     error = page.locator("#transactions-date_to-error")
@@ -188,6 +190,10 @@ def test_live_progress_then_download_link_without_reload(browser, stack_factory,
     page.fill("#transactions-date_from", "")
     page.wait_for_function(
         "() => document.querySelector('#transactions-date_to-error').textContent === ''")
+    estimate = page.locator("#transactions-estimate")
+    estimate.filter(has_text=re.compile(r"About [\d,]+ rows")).wait_for()
+    # the estimate coming in does not move the button: a click at that instant still lands
+    assert button.bounding_box() == where
     snap(page, shots / "new-export.png")
 
     polls = []
